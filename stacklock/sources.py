@@ -1,0 +1,128 @@
+"""Sources: where a link's file comes from, parsed from the manifest's ``source`` strings.
+
+One string format covers every kind, so new kinds slot in without a manifest format change:
+
+- a local path, relative to the manifest (``models/x.gguf``, or explicitly ``file:models/x.gguf``);
+- ``hf://owner/repo@revision/path/in/repo.gguf``: a file in a Hugging Face hub repository;
+- ``registry://name``: a model entry of a registry.
+
+``parse_*`` here is pure; ``fetch_model`` touches the file system or the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from stacklock.errors import NetworkError, SourceError
+
+_HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    path: str
+
+
+@dataclass(frozen=True)
+class HubSource:
+    repo: str
+    revision: str
+    path: str
+
+
+@dataclass(frozen=True)
+class RegistryModelSource:
+    name: str
+
+
+ModelSource = LocalSource | HubSource | RegistryModelSource
+
+
+def parse_model_source(text: str, where: str = "model.source") -> ModelSource:
+    if text.startswith("hf://"):
+        match = _HF.match(text)
+        if match is None:
+            raise SourceError(
+                f"{where}: '{text}' is not a hub source",
+                hint="write hf://owner/repo@revision/path/to/file.gguf",
+            )
+        return HubSource(match["repo"], match["rev"] or "main", match["path"])
+    if text.startswith("registry://"):
+        return RegistryModelSource(text.removeprefix("registry://"))
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text):
+        raise SourceError(
+            f"{where}: unsupported source scheme in '{text}'",
+            hint="use a local path, hf://owner/repo@revision/file.gguf or registry://name",
+        )
+    return LocalSource(text.removeprefix("file:"))
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    path: Path
+    """The file on disk."""
+    revision: str | None
+    """The resolved revision (a hub commit), when the source has one."""
+
+
+def fetch_model(source: ModelSource, base_dir: Path, *, offline: bool = False) -> FetchedModel:
+    """Make the model file available locally and say where it is."""
+    if isinstance(source, LocalSource):
+        path = Path(source.path)
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise SourceError(
+                f"model.source: file not found: {source.path}",
+                hint="fix the path (relative to llmstack.toml) or create the file",
+            )
+        return FetchedModel(path, None)
+    if isinstance(source, HubSource):
+        return _fetch_hub(source, offline=offline)
+    raise SourceError(
+        f"model.source: registry://{source.name}: registry model sources are not supported yet",
+        hint="use a local path or hf://owner/repo@revision/file.gguf",
+    )
+
+
+def _fetch_hub(source: HubSource, *, offline: bool) -> FetchedModel:
+    # Imported here: huggingface_hub is slow to import and only hub sources need it.
+    from huggingface_hub import hf_hub_download  # noqa: PLC0415
+    from huggingface_hub.errors import (  # noqa: PLC0415
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"model.source: hf://{source.repo}@{source.revision}/{source.path}"
+    try:
+        local = hf_hub_download(
+            repo_id=source.repo,
+            filename=source.path,
+            revision=source.revision,
+            local_files_only=offline or os.environ.get("HF_HUB_OFFLINE") == "1",
+        )
+    except RepositoryNotFoundError:
+        raise SourceError(f"{where}: repository not found", hint="check the owner/repo name") from None
+    except RevisionNotFoundError:
+        raise SourceError(f"{where}: revision not found", hint="check the branch, tag or commit") from None
+    except EntryNotFoundError:
+        raise SourceError(f"{where}: file not found in the repository", hint="check the path") from None
+    except LocalEntryNotFoundError:
+        raise NetworkError(
+            f"{where}: not in the local hub cache and the hub is not reachable",
+            hint="go online once to download it, or set HF_ENDPOINT",
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise NetworkError(
+            f"{where}: download failed: {exc}", hint="check the network or HF_ENDPOINT"
+        ) from None
+    path = Path(local)
+    # The hub cache lays files out as .../snapshots/<commit>/<path>: the commit is the resolved revision.
+    parts = path.parts
+    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts else source.revision
+    return FetchedModel(path, revision)
