@@ -10,10 +10,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from stacklock.facts import facts_from_lock
 from stacklock.findings import Allowance, Finding, Link, Severity
 from stacklock.lock import Lock
 from stacklock.registry import LoadedRegistry
-from stacklock.resolve import facts_from_lock
 from stacklock.rules import evaluate, rules_for, triage
 from stacklock.versions import vendored_build
 

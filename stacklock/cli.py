@@ -68,7 +68,9 @@ def init(
     if from_stack is not None:
         from stacklock.share import init_from_stack  # noqa: PLC0415
 
-        written, notes = init_from_stack(from_stack, manifest.parent, registries=tuple(registry or ()), force=force)
+        written, notes = init_from_stack(
+            from_stack, manifest.parent, registries=tuple(registry or ()), force=force
+        )
         for note in notes:
             _note(f"note: {note}")
         _note(f"wrote {', '.join(str(p) for p in written)} from stack '{from_stack}'")
@@ -101,9 +103,11 @@ def lock(
     ] = False,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
+    from stacklock.errors import LockError  # noqa: PLC0415
     from stacklock.findings import Allowance  # noqa: PLC0415
     from stacklock.hashing import TerminalProgress  # noqa: PLC0415
-    from stacklock.resolve import check_lock, lock_stack, merge_goldens, read_lock, write_lock  # noqa: PLC0415
+    from stacklock.project import read_lock, write_lock  # noqa: PLC0415
+    from stacklock.resolve import check_lock, lock_stack, merge_goldens  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
     if check:
@@ -116,7 +120,13 @@ def lock(
         raise UsageError(
             "--allow needs --reason TEXT", hint="say why the finding is acceptable; it goes in the lock"
         )
-    previous = read_lock(lock_path) if lock_path.exists() else None
+    previous = None
+    if lock_path.exists():
+        try:
+            previous = read_lock(lock_path)
+        except LockError as exc:
+            # The new lock replaces it either way; only its goldens and allowances cannot be carried over.
+            _note(f"note: the previous lock is unreadable ({exc.one_line()}); writing a fresh one")
     given = tuple(Allowance(rule=r, reason=reason or "") for r in allow or ())
     new = lock_stack(
         manifest,
@@ -169,7 +179,7 @@ def record(
     _note(f"wrote goldens to {lock_path}; commit it, then run `stacklock verify` in CI")
 
 
-class VerifyFormat(str, enum.Enum):
+class VerifyFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
     JUNIT = "junit"
@@ -199,11 +209,16 @@ def verify(
     from stacklock.report import render  # noqa: PLC0415
     from stacklock.verify import Tolerance  # noqa: PLC0415
 
+    if tolerance is not None and tolerance <= 0:
+        raise UsageError("--tolerance must be greater than 0", hint="e.g. --tolerance 0.5")
+    if certificate is not None:
+        # Fail before the engine runs, not after, when the certificate cannot be written.
+        certificate.parent.mkdir(parents=True, exist_ok=True)
     lock_path = _lock_path(manifest)
     report = verify_stack(lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance))
     _echo(render(report, fmt.value).rstrip("\n"))
     if certificate is not None:
-        from stacklock.resolve import read_lock  # noqa: PLC0415
+        from stacklock.project import read_lock  # noqa: PLC0415
 
         lock_text = lock_path.read_text(encoding="utf-8")
         data = make_certificate(lock_text, read_lock(lock_path), report)
@@ -220,7 +235,9 @@ def share(
         Path, typer.Option("--certificate", help="The certificate from `stacklock verify --certificate`.")
     ],
     manifest: ManifestOption = DEFAULT_MANIFEST,
-    name: Annotated[str | None, typer.Option("--name", help="The entry's name (default: the stack's).")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The entry's name (default: the stack's).")
+    ] = None,
     title: Annotated[str | None, typer.Option("--title", help="One line for `registry list`.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="A search tag (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing entry.")] = False,
@@ -234,7 +251,7 @@ def share(
     _note(f"wrote {target}; commit it to the registry repository and open a pull request")
 
 
-class CheckFormat(str, enum.Enum):
+class CheckFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
     SARIF = "sarif"
@@ -249,14 +266,17 @@ def check(
     """Evaluate the lock, and the engine installed here, against the registries' rules. No model runs."""
     from stacklock import __version__  # noqa: PLC0415
     from stacklock.check import check_stack, render_check_json, render_check_text  # noqa: PLC0415
+    from stacklock.engines import installed_engine_version  # noqa: PLC0415
+    from stacklock.project import read_lock, read_manifest  # noqa: PLC0415
     from stacklock.registry import resolve_registries  # noqa: PLC0415
-    from stacklock.resolve import installed_engine_version, read_lock, read_manifest  # noqa: PLC0415
     from stacklock.sarif import render_sarif  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
     locked = read_lock(lock_path)
     sources = read_manifest(manifest)[0].registries if manifest.exists() else ()
-    registries = resolve_registries(sources, pins=locked.registries, offline=offline, base_dir=manifest.parent)
+    registries = resolve_registries(
+        sources, pins=locked.registries, offline=offline, base_dir=manifest.parent
+    )
     result = check_stack(locked, registries, installed_engine_version(locked.engine.name))
     if fmt is CheckFormat.SARIF:
         _echo(
@@ -275,7 +295,9 @@ def check(
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 
-registry_app = typer.Typer(help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True
+)
 app.add_typer(registry_app, name="registry")
 
 KindOption = Annotated[str | None, typer.Option("--kind", help="Only rules, templates or stacks.")]
@@ -283,8 +305,8 @@ KindOption = Annotated[str | None, typer.Option("--kind", help="Only rules, temp
 
 def _registries(manifest: Path, offline: bool, extra: list[str] | None = None) -> tuple[Any, ...]:
     from stacklock.findings import RegistrySource  # noqa: PLC0415
+    from stacklock.project import read_lock, read_manifest  # noqa: PLC0415
     from stacklock.registry import resolve_registries  # noqa: PLC0415
-    from stacklock.resolve import read_lock, read_manifest  # noqa: PLC0415
 
     sources = list(read_manifest(manifest)[0].registries) if manifest.exists() else []
     sources += [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]

@@ -88,7 +88,7 @@ class StaleLockError(StacklockError):
     exit_code = ExitCode.STACK_WRONG
 
 
-class RuleViolation(StacklockError):
+class RuleViolation(StacklockError):  # noqa: N818 - Named for what it is: a rule the stack violates.
     exit_code = ExitCode.STACK_WRONG
 
 

@@ -11,16 +11,18 @@ problem is a :class:`~stacklock.errors.GGUFError` that names the file, the key o
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import mmap
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
-import gguf
 import numpy as np
 
 from stacklock.errors import GGUFError
@@ -74,12 +76,56 @@ _SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf
 _FILE_TYPE_PREFIXES = ("MOSTLY_", "ALL_")
 
 
+@functools.cache
+def _gguf_constants() -> ModuleType:
+    """The ``gguf.constants`` module, without importing the rest of the ``gguf`` package.
+
+    ``import gguf`` also imports its reader, writer, vocabulary and metadata modules (yaml among them), which
+    costs more than ``stacklock inspect`` spends reading a 262k-token vocabulary. The constants module
+    imports only ``enum`` and ``typing``, so it is loaded on its own from the installed package. Where the
+    package is already imported (the test suite writes fixtures with it), its module is reused.
+    """
+    loaded = sys.modules.get("gguf.constants")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("gguf")  # A top-level spec: finding it imports nothing.
+    if package is None or not package.submodule_search_locations:  # pragma: no cover - a broken install
+        raise ModuleNotFoundError("stacklock needs the gguf package: pip install gguf", name="gguf")
+    location = Path(next(iter(package.submodule_search_locations))) / "constants.py"
+    spec = importlib.util.spec_from_file_location("stacklock._gguf_constants", location)
+    if spec is None or spec.loader is None:  # pragma: no cover - a broken install
+        raise ModuleNotFoundError(f"stacklock cannot load {location}", name="gguf.constants")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def value_type_name(value_type: int) -> str:
     """The lower-case name of a GGUF value type (``string``, ``uint32``), or ``type N`` when unknown."""
     try:
-        return gguf.GGUFValueType(value_type).name.lower()
+        return str(_gguf_constants().GGUFValueType(value_type).name.lower())
     except ValueError:
         return f"type {value_type}"
+
+
+def _file_type_name(file_type: int) -> str:
+    """The ``LlamaFileType`` name of a ``general.file_type`` value (``MOSTLY_Q4_K_M``), or ``""``."""
+    try:
+        return str(_gguf_constants().LlamaFileType(file_type).name)
+    except ValueError:
+        return ""
+
+
+@functools.cache
+def _quant_sizes(ggml_type: int) -> tuple[str, int, int]:
+    """A ggml tensor type's name, elements per block and bytes per block; ``KeyError`` when unknown."""
+    constants = _gguf_constants()
+    try:
+        quant = constants.GGMLQuantizationType(ggml_type)
+    except ValueError:
+        raise KeyError(ggml_type) from None
+    block, type_size = constants.GGML_QUANT_SIZES[quant]
+    return str(quant.name), int(block), int(type_size)
 
 
 def _plural(value_type: int) -> str:
@@ -275,10 +321,7 @@ class GGUFFile:
         """The ``general.file_type`` name (``Q4_K_M``), else the type holding most weight elements."""
         file_type = self.metadata.get("general.file_type")
         if isinstance(file_type, int) and not isinstance(file_type, bool):
-            try:
-                name = gguf.LlamaFileType(file_type).name
-            except ValueError:
-                name = ""
+            name = _file_type_name(file_type)
             for prefix in _FILE_TYPE_PREFIXES:
                 name = name.removeprefix(prefix)
             if name:
@@ -694,9 +737,8 @@ class _Parser:
             type_at = self.pos
             ggml_type = self.u32(f"the type of {label}")
             try:
-                quant = gguf.GGMLQuantizationType(ggml_type)
-                block, type_size = gguf.GGML_QUANT_SIZES[quant]
-            except (ValueError, KeyError):
+                type_name, block, type_size = _quant_sizes(ggml_type)
+            except KeyError:
                 raise self.corrupt(
                     f"{label} has unknown ggml type {ggml_type} at byte {type_at}",
                     hint="the file is corrupt or needs a newer gguf package; upgrade stacklock and gguf",
@@ -708,7 +750,7 @@ class _Parser:
             if shape and shape[0] % block:
                 raise self.corrupt(
                     f"{label} at byte {at} has a first dimension of {shape[0]}, "
-                    f"not a multiple of the {quant.name} block size {block}"
+                    f"not a multiple of the {type_name} block size {block}"
                 )
             if offset % alignment:
                 raise self.corrupt(
@@ -716,7 +758,7 @@ class _Parser:
                     f"not a multiple of the alignment {alignment}"
                 )
             raw.append(
-                (name, shape, ggml_type, quant.name, offset, n_elements, n_elements // block * type_size)
+                (name, shape, ggml_type, type_name, offset, n_elements, n_elements // block * type_size)
             )
         data_start = -(-self.pos // alignment) * alignment
         tensors = []

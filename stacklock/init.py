@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
+from stacklock.engines import installed_engine_version
 from stacklock.gguf_file import read_gguf
 from stacklock.registry import bundled_templates_for
-from stacklock.resolve import installed_engine_version
 from stacklock.template import template_features
 
 #: The engine version a starter manifest asks for when no engine is installed: the one stacklock is tested with.

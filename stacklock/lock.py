@@ -42,7 +42,10 @@ class FilePin(Model):
 
 class ModelPin(Model):
     source: str = Field(description="The model source as written in the manifest.")
-    path: str = Field(description="The resolved file, relative to the manifest's directory.")
+    path: str = Field(
+        description="The resolved file: relative to the manifest's directory, or hf://repo@commit/path."
+    )
+    revision: str | None = Field(default=None, description="The hub commit the source resolved to.")
     sha256: str = Field(description="sha256 of the file (of the first part for split files).")
     size: int = Field(description="Size in bytes.")
     parts: tuple[FilePin, ...] = Field(default=(), description="The other parts of a split GGUF, in order.")
@@ -54,10 +57,12 @@ class ModelPin(Model):
     tensor_types: dict[str, int] = Field(description="How many tensors of each type the file holds.")
     context_length: int | None = Field(default=None, description="The trained context length.")
     chat_template_sha256: str | None = Field(
-        default=None, description="sha256 of the template embedded in the file (tokenizer.chat_template), if any."
+        default=None,
+        description="sha256 of the template embedded in the file (tokenizer.chat_template), if any.",
     )
     special_texts: tuple[str, ...] = Field(
-        default=(), description="End-of-turn and control token texts engines look for, found in the vocabulary."
+        default=(),
+        description="End-of-turn and control token texts engines look for, found in the vocabulary.",
     )
     metadata: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
@@ -88,8 +93,10 @@ class EnginePin(Model):
     name: str = Field(description="The engine.")
     requirement: str = Field(description="The version requirement from the manifest.")
     version: str = Field(description="The exact version that will be used.")
-    build: int | None = Field(default=None, description="The llama.cpp build the engine carries, when known.")
-    installed: bool = Field(description="Whether that version was installed where the lock was made.")
+    build: int | None = Field(
+        default=None,
+        description="The llama.cpp build the engine carries (a lower bound for wrappers), when known.",
+    )
 
 
 class SmokeGolden(Model):
@@ -119,7 +126,8 @@ class SmokePin(Model):
     rendered: str | None = Field(default=None, description="The rendered prompt text, exactly as tokenized.")
     rendered_sha256: str = Field(description="sha256 of the rendered prompt text.")
     add_bos: bool = Field(
-        default=True, description="Whether tokenization adds BOS (not when the render already starts with it)."
+        default=True,
+        description="Whether tokenization adds BOS (not when the render already starts with it).",
     )
     golden: SmokeGolden | None = Field(default=None, description="Recorded by `stacklock record`.")
 
@@ -127,7 +135,7 @@ class SmokePin(Model):
 class Recording(Model):
     """Where and how the goldens were recorded."""
 
-    engine: dict[str, str | int | bool | None | tuple[str, ...]] = Field(description="The engine's identity.")
+    engine: dict[str, str | int | bool | tuple[str, ...] | None] = Field(description="The engine's identity.")
     environment: dict[str, str] = Field(description="The machine the goldens were recorded on.")
     top_k: int = Field(description="How many alternatives were recorded per generated token.")
 
@@ -138,24 +146,49 @@ class Lock(Model):
     lock_version: int = Field(description="The lock format version.")
     created_by: str = Field(description="The stacklock version that wrote the lock.")
     manifest_hash: str = Field(description="sha256 of the manifest's content, for drift detection.")
-    stack: Stack = Field(description="The stack's name and description.")
-    model: ModelPin = Field(description="The model file.")
-    template: TemplatePin = Field(description="The chat template.")
-    tokenizer: TokenizerFingerprint = Field(description="The tokenizer's fingerprint.")
-    engine: EnginePin = Field(description="The engine.")
-    backend: EffectiveBackend = Field(description="Every effective load option.")
-    sampler: EffectiveSampler = Field(description="Every effective sampler value.")
-    registries: tuple[RegistryPin, ...] = Field(default=(), description="The registries the rules came from.")
+    stack: Stack = Field(description="The stack, as named in llmstack.toml.")
+    model: ModelPin = Field(description="The model file, pinned by sha256, with what its GGUF header says.")
+    template: TemplatePin = Field(
+        description="The chat template: its exact text, digest, origin and dialect."
+    )
+    tokenizer: TokenizerFingerprint = Field(
+        description="The tokenizer's fingerprint: vocabulary digests, special tokens and flags."
+    )
+    engine: EnginePin = Field(description="The engine and the exact version that runs the stack.")
+    backend: EffectiveBackend = Field(
+        description="Every load option the engine is given, defaults written out."
+    )
+    sampler: EffectiveSampler = Field(
+        description="Every sampler value the engine is given; [sampler.origin] says where each came from."
+    )
+    registries: tuple[RegistryPin, ...] = Field(
+        default=(), description="The registries whose rules checked the stack, pinned by digest."
+    )
     findings: tuple[Finding, ...] = Field(default=(), description="What the rules found.")
     allowances: tuple[Allowance, ...] = Field(default=(), description="Error findings the user accepted.")
-    smoke: tuple[SmokePin, ...] = Field(default=(), description="The smoke prompts.")
-    recording: Recording | None = Field(default=None, description="Where the goldens were recorded.")
+    smoke: tuple[SmokePin, ...] = Field(
+        default=(), description="The smoke prompts: the exact rendered text and, once recorded, the golden."
+    )
+    recording: Recording | None = Field(
+        default=None, description="The engine and machine the goldens were recorded on."
+    )
 
     def pins(self) -> dict[str, Any]:
-        """Everything resolution decides, without what `record` adds: equal pins mean goldens still apply."""
+        """Everything resolution decides, without what `record` adds: what `lock --check` compares."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"recording", "created_by"})
         for smoke in data["smoke"]:
             smoke.pop("golden", None)
+        return data
+
+    def behaviour(self) -> dict[str, Any]:
+        """The pins that can change what the engine produces: equal behaviour means the goldens still apply.
+
+        Rules, their findings and the allowances judge a stack; they never change its output, so a registry
+        update does not throw recorded goldens away.
+        """
+        data = self.pins()
+        for key in ("registries", "findings", "allowances", "manifest-hash", "stack"):
+            data.pop(key, None)
         return data
 
     def without_goldens(self) -> Lock:
@@ -191,7 +224,9 @@ def render_lock(lock: Lock) -> str:
     for line in HEADER.splitlines():
         doc.add(tomlkit.comment(line))
     doc.add(tomlkit.nl())
-    _fill(doc, data, top=True)
+    # Each top-level table's header carries its field's description, so the lock explains its own pins.
+    notes = {(f.alias or n): f.description or "" for n, f in Lock.model_fields.items()}
+    _fill(doc, data, notes=notes)
     return tomlkit.dumps(doc)
 
 
@@ -203,9 +238,10 @@ def _is_array_of_tables(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
-def _fill(container: Any, data: Mapping[str, Any], *, top: bool = False) -> None:
+def _fill(container: Any, data: Mapping[str, Any], *, notes: Mapping[str, str] | None = None) -> None:
     # TOML needs a table's plain keys before its sub-tables; within each group the model's field order is kept.
     # Arrays of tables are used for the lock's top-level lists only; nested lists stay inline and compact.
+    top = notes is not None
     plain = {k: v for k, v in data.items() if not _is_table(v) and not (top and _is_array_of_tables(v))}
     nested = {k: v for k, v in data.items() if k not in plain}
     for key, value in plain.items():
@@ -213,15 +249,20 @@ def _fill(container: Any, data: Mapping[str, Any], *, top: bool = False) -> None
     for key, value in nested.items():
         if _is_table(value) and not value:
             continue
+        note = (notes or {}).get(key)
         if _is_table(value):
             table = tomlkit.table()
             _fill(table, value)
+            if note:
+                table.comment(note)
             container.add(key, table)
         else:
             aot = AoT([])
-            for entry in value:
+            for index, entry in enumerate(value):
                 table = tomlkit.table()
                 _fill(table, entry)
+                if note and index == 0:
+                    table.comment(note)
                 aot.append(table)
             container.add(key, aot)
 

@@ -1056,19 +1056,6 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     return out
 
 
-def render_schema(schema: Mapping[str, Any]) -> str:
-    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def write_schemas(directory: Path) -> tuple[Path, ...]:
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for filename, schema in json_schemas().items():
-        write_text_atomic(directory / filename, render_schema(schema))
-        written.append(directory / filename)
-    return tuple(written)
-
-
 __all__ = [
     "BUNDLED",
     "FORMAT_VERSION",
@@ -1099,10 +1086,8 @@ __all__ = [
     "read_registry_files",
     "registry_digest",
     "registry_vendored_build",
-    "render_schema",
     "resolve_registries",
     "search_entries",
     "show_entry",
     "source_kind",
-    "write_schemas",
 ]

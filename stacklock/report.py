@@ -9,6 +9,8 @@ import json
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
 
+from stacklock.verify import is_certified
+
 if TYPE_CHECKING:
     from stacklock.verify import SmokeResult, StageResult, VerifyReport
 
@@ -26,8 +28,14 @@ def _stage_line(stage: StageResult) -> str:
 def _verdict(report: VerifyReport) -> str:
     failed = sum(1 for result in report.results if result.first_failure is not None)
     total = len(report.results)
-    if not report.reproduced:
+    if not report.reproduced and failed:
         return f"not reproduced: {failed} of {total} smoke prompt(s) failed"
+    if not report.reproduced:
+        unchecked = sum(1 for result in report.results if not is_certified(result))
+        return (
+            f"not certified: {unchecked} of {total} smoke prompt(s) have no golden to compare with; "
+            "run `stacklock record` and commit the lock"
+        )
     if report.tolerated:
         margin = report.tolerance.margin if report.tolerance else "?"
         return f"reproduced within the tolerance (margin {margin}): {total} smoke prompt(s)"
@@ -37,11 +45,15 @@ def _verdict(report: VerifyReport) -> str:
 def _result_lines(result: SmokeResult) -> list[str]:
     if result.first_failure is not None:
         head = f"{result.name}: FAILED at {result.first_failure}"
+    elif not is_certified(result):
+        head = f"{result.name}: not certified"
     elif result.tolerated:
         head = f"{result.name}: reproduced within the tolerance"
     else:
         head = f"{result.name}: reproduced"
     lines = [head, *(_stage_line(stage) for stage in result.stages)]
+    if result.first_failure is None and not is_certified(result):
+        lines.append(f"    → {result.explanation}")
     if result.first_failure is not None:
         lines.append(f"    → {result.explanation}")
         failure = next(stage for stage in result.stages if stage.status == "fail")

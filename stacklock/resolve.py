@@ -10,26 +10,23 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from stacklock.atomic import write_text_atomic
 from stacklock.effective import effective_backend, effective_sampler
+from stacklock.engines import installed_engine_version
 from stacklock.errors import (
     EngineError,
-    LockError,
-    ManifestError,
     RuleViolation,
     SourceError,
     StaleLockError,
     TemplateError,
 )
+from stacklock.facts import facts_from_lock
 from stacklock.findings import Allowance, Finding, RegistryPin, Severity
-from stacklock.gguf_file import GGUFArray, GGUFFile, read_gguf, value_type_name
 from stacklock.hashing import HashCache, HashProgress
 from stacklock.lock import (
     LOCK_NAME,
@@ -42,20 +39,19 @@ from stacklock.lock import (
     TemplatePin,
     created_by,
     manifest_hash,
-    parse_lock,
-    render_lock,
 )
-from stacklock.manifest import BUILD_NUMBERED_ENGINES, Manifest, Smoke, parse_manifest
+from stacklock.manifest import BUILD_NUMBERED_ENGINES, Manifest, Message, Smoke
+from stacklock.project import read_lock, read_manifest, write_lock
 from stacklock.registry import LoadedRegistry, compare_pins, find_template, resolve_registries
 from stacklock.rules import evaluate, rules_for, split_allowed
-from stacklock.sources import fetch_model, parse_model_source
+from stacklock.sources import HubSource, fetch_model, parse_model_source
 from stacklock.template import render_chat_template, template_dialect, template_features
 from stacklock.tokenizer import TokenizerFingerprint, fingerprint_tokenizer
-from stacklock.tomlio import parse_toml
 from stacklock.versions import parse_build_range, vendored_build
 
-#: Python distributions of the engines stacklock can find installed without importing them.
-ENGINE_DISTRIBUTIONS = {"llama-cpp-python": "llama-cpp-python", "vllm": "vllm"}
+if TYPE_CHECKING:
+    # The GGUF reader pulls in numpy; commands that only read a lock (check) never need it.
+    from stacklock.gguf_file import GGUFFile
 
 #: Token texts that engines treat as end of generation; the lock records which ones the vocabulary has.
 KNOWN_SPECIAL_TEXTS = (
@@ -105,18 +101,6 @@ class Resolution:
     blocking: tuple[Finding, ...]
 
 
-def read_manifest(path: Path) -> tuple[Manifest, dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(
-            f"{path}: no manifest here", hint="run `stacklock init MODEL.gguf` to write one"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start})", hint="save it as UTF-8") from None
-    return parse_manifest(text, str(path)), parse_toml(text, str(path), ManifestError)
-
-
 def load_inputs(
     manifest_path: Path,
     *,
@@ -126,10 +110,17 @@ def load_inputs(
     cache: HashCache | None = None,
     registry_pins: Sequence[RegistryPin] = (),
     refresh_registries: bool = False,
+    model_revision: str | None = None,
 ) -> Inputs:
+    """Read everything resolution needs. ``model_revision`` fetches a hub source at a pinned commit."""
+    from stacklock.gguf_file import GGUFArray, read_gguf  # noqa: PLC0415
+
     manifest, data = read_manifest(manifest_path)
     base = manifest_path.parent
-    fetched = fetch_model(parse_model_source(manifest.model.source), base, offline=offline)
+    source = parse_model_source(manifest.model.source)
+    if isinstance(source, HubSource) and model_revision is not None:
+        source = HubSource(source.repo, model_revision, source.path)
+    fetched = fetch_model(source, base, offline=offline)
     gguf = read_gguf(fetched.path)
     hashes = cache or HashCache()
     digests = [hashes.sha256(p, use_cache=use_cache, progress=progress) for p in gguf.parts]
@@ -168,16 +159,6 @@ def load_inputs(
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
     )
-
-
-def installed_engine_version(name: str) -> str | None:
-    dist = ENGINE_DISTRIBUTIONS.get(name)
-    if dist is None:
-        return None
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return None
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -230,7 +211,15 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     gguf = inputs.gguf
     engine = _engine_pin(manifest, inputs.installed_engine_version)
     template = _template_pin(manifest, inputs.template)
-    smoke = tuple(_smoke_pin(s, manifest, template, inputs.tokenizer) for s in manifest.smoke)
+    sampler = effective_sampler(engine.name, gguf.metadata, manifest.sampler)
+    unrendered = tuple(_smoke_pin(s, sampler.max_tokens) for s in manifest.smoke)
+    # Rules are evaluated even when a smoke prompt does not render: the rule that explains why (no template,
+    # a template that rejects the system role) is a better message than the template's own error.
+    render_error: TemplateError | None = None
+    try:
+        smoke = tuple(_rendered(pin, template, inputs.tokenizer) for pin in unrendered)
+    except TemplateError as exc:
+        render_error, smoke = exc, unrendered
     lock = Lock(
         lock_version=LOCK_VERSION,
         created_by=created_by(),
@@ -241,7 +230,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         tokenizer=inputs.tokenizer,
         engine=engine,
         backend=effective_backend(engine.name, manifest.backend),
-        sampler=effective_sampler(engine.name, gguf.metadata, manifest.sampler),
+        sampler=sampler,
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
     )
@@ -250,11 +239,15 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     given = {a.rule for a in allow}
     kept = [a for a in carried if a.rule in fired and a.rule not in given]
     blocking, allowed = split_allowed(findings, [*allow, *kept])
+    if render_error is not None and not blocking:
+        raise render_error
     lock = lock.model_copy(update={"findings": findings, "allowances": allowed})
     return Resolution(lock, blocking)
 
 
 def _model_pin(inputs: Inputs) -> ModelPin:
+    from stacklock.gguf_file import GGUFArray, value_type_name  # noqa: PLC0415
+
     gguf = inputs.gguf
     scalars: dict[str, str | int | float | bool] = {}
     arrays: dict[str, str] = {}
@@ -268,7 +261,8 @@ def _model_pin(inputs: Inputs) -> ModelPin:
             scalars[key] = value
     return ModelPin(
         source=inputs.manifest.model.source,
-        path=_rel(inputs.model_path, inputs.base_dir),
+        path=model_location(inputs),
+        revision=inputs.model_revision,
         sha256=inputs.model_sha256,
         size=inputs.model_path.stat().st_size,
         parts=inputs.parts,
@@ -286,6 +280,14 @@ def _model_pin(inputs: Inputs) -> ModelPin:
     )
 
 
+def model_location(inputs: Inputs) -> str:
+    """Where verify finds the model: a path relative to the manifest, or a hub source at its resolved commit."""
+    source = parse_model_source(inputs.manifest.model.source)
+    if isinstance(source, HubSource):
+        return f"hf://{source.repo}@{inputs.model_revision or source.revision}/{source.path}"
+    return _rel(inputs.model_path, inputs.base_dir)
+
+
 def _sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -294,15 +296,13 @@ def _engine_pin(manifest: Manifest, installed: str | None) -> EnginePin:
     spec = manifest.engine
     requirement = spec.version.strip()
     if spec.name in BUILD_NUMBERED_ENGINES:
-        exact = _exact_build(requirement)
-        if exact is None:
+        build = _exact_build(requirement)
+        if build is None:
             raise EngineError(
                 f"engine.version: '{requirement or '(any)'}' does not name one {spec.name} build",
                 hint="stacklock cannot see an installed llama.cpp; pin one build, e.g. version = '==b4628'",
             )
-        return EnginePin(
-            name=spec.name, requirement=requirement, version=f"b{exact}", build=exact, installed=False
-        )
+        return EnginePin(name=spec.name, requirement=requirement, version=f"b{build}", build=build)
     if installed is not None:
         if requirement and not SpecifierSet(requirement).contains(installed, prereleases=True):
             raise EngineError(
@@ -311,18 +311,18 @@ def _engine_pin(manifest: Manifest, installed: str | None) -> EnginePin:
             )
         version = installed
     else:
-        version = _exact_version(requirement)
-        if version is None:
+        exact = _exact_version(requirement)
+        if exact is None:
             raise EngineError(
                 f"engine.version: {spec.name} is not installed and '{requirement or '(any)'}' is not one version",
                 hint=f"install {spec.name} or pin one version, e.g. version = '==0.3.36'",
             )
+        version = exact
     return EnginePin(
         name=spec.name,
         requirement=requirement,
         version=version,
         build=vendored_build(spec.name, version),
-        installed=installed is not None,
     )
 
 
@@ -376,7 +376,7 @@ def render_smoke(smoke: SmokePin, template: TemplatePin, tokenizer: TokenizerFin
         eos_token=tokenizer.eos_text,
         extra_context=template.variables,
         now=template.now,
-        origin=f"chat template ({template.origin})",
+        origin=template.origin,
     )
 
 
@@ -393,70 +393,28 @@ def effective_add_bos(smoke: SmokePin, rendered: str, tokenizer: TokenizerFinger
     return add_bos
 
 
-def _smoke_pin(
-    smoke: Smoke, manifest: Manifest, template: TemplatePin, tokenizer: TokenizerFingerprint
-) -> SmokePin:
+def _smoke_pin(smoke: Smoke, default_max_tokens: int) -> SmokePin:
+    """A smoke prompt as the lock pins it, before its render is known."""
     conversation = smoke.conversation()
-    pin = SmokePin(
+    return SmokePin(
         name=smoke.name,
         kind="raw" if smoke.prompt is not None else "chat",
-        messages=conversation if smoke.messages is not None else None,  # type: ignore[arg-type]
+        messages=tuple(Message.model_validate(m) for m in conversation)
+        if smoke.messages is not None
+        else None,
         add_generation_prompt=smoke.add_generation_prompt,
         prompt=smoke.prompt,
-        max_tokens=smoke.max_tokens or manifest.sampler.max_tokens or 32,
+        max_tokens=smoke.max_tokens or default_max_tokens,
         expect=smoke.expect,
         rendered_sha256="",
     )
+
+
+def _rendered(pin: SmokePin, template: TemplatePin, tokenizer: TokenizerFingerprint) -> SmokePin:
     rendered = render_smoke(pin, template, tokenizer)
     digest = hashlib.sha256(rendered.encode("utf-8")).hexdigest()
     add_bos = effective_add_bos(pin, rendered, tokenizer)
     return pin.model_copy(update={"rendered": rendered, "rendered_sha256": digest, "add_bos": add_bos})
-
-
-def facts_from_lock(lock: Lock) -> dict[str, object]:
-    """The flat facts registry rules are evaluated against (see stacklock.rules)."""
-    facts: dict[str, object] = {
-        "model.quantization": lock.model.quantization,
-        "model.parameter-count": lock.model.parameter_count,
-        "model.tensor-types": tuple(lock.model.tensor_types),
-        "tokenizer.kind": lock.tokenizer.kind,
-        "tokenizer.vocab-size": lock.tokenizer.vocab_size,
-        "template.present": lock.template.text is not None,
-        "template.source": lock.template.source.partition(":")[0],
-        "template.dialect": lock.template.dialect,
-        "template.features": lock.template.features,
-        "engine.name": lock.engine.name,
-        "engine.version": lock.engine.version,
-        "smoke.has-system-message": any(m.role == "system" for s in lock.smoke for m in (s.messages or ())),
-    }
-    optional: dict[str, object | None] = {
-        "model.architecture": lock.model.architecture,
-        "model.context-length": lock.model.context_length,
-        "model.block-count": lock.model.metadata.get(f"{lock.model.architecture}.block_count"),
-        "tokenizer.pre": lock.tokenizer.pre,
-        "tokenizer.add-bos": lock.tokenizer.add_bos,
-        "tokenizer.add-eos": lock.tokenizer.add_eos,
-        "tokenizer.bos-id": lock.tokenizer.bos_id,
-        "tokenizer.eos-id": lock.tokenizer.eos_id,
-        "tokenizer.eot-id": lock.tokenizer.eot_id,
-        "tokenizer.eom-id": lock.tokenizer.eom_id,
-        "tokenizer.bos-text": lock.tokenizer.bos_text,
-        "tokenizer.eos-text": lock.tokenizer.eos_text,
-        "template.text": lock.template.text,
-        "template.sha256": lock.template.sha256,
-        "engine.build": lock.engine.build,
-    }
-    facts.update({k: v for k, v in optional.items() if v is not None})
-    facts["tokenizer.special-texts"] = lock.model.special_texts
-    facts["model.has-chat-template"] = lock.model.chat_template_sha256 is not None
-    facts.update({f"gguf.{k}": v for k, v in lock.model.metadata.items()})
-    for key, shape in lock.model.arrays.items():
-        facts[f"gguf.{key}"] = int(shape[shape.index("[") + 1 : -1])
-    for key, value in lock.backend.model_dump(by_alias=True, mode="json").items():
-        facts[f"backend.{key}"] = value
-    for key, value in lock.sampler.model_dump(by_alias=True, mode="json", exclude={"origin"}).items():
-        facts[f"sampler.{key}"] = tuple(value) if isinstance(value, list) else value
-    return facts
 
 
 def lock_stack(
@@ -480,35 +438,11 @@ def lock_stack(
     return resolution.lock
 
 
-def read_lock(path: Path) -> Lock:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LockError(f"{path}: no lock here", hint="run `stacklock lock`") from None
-    except UnicodeDecodeError as exc:
-        raise LockError(
-            f"{path}: not UTF-8 text (byte {exc.start})", hint="regenerate it with `stacklock lock`"
-        ) from None
-    return parse_lock(text, str(path))
-
-
 def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
     """Keep recorded goldens across a re-lock when every pin is unchanged; they no longer apply otherwise."""
-    if previous is None or previous.pins() != new.pins():
+    if previous is None or previous.behaviour() != new.behaviour():
         return new
     return new.model_copy(update={"smoke": previous.smoke, "recording": previous.recording})
-
-
-def write_lock(path: Path, lock: Lock) -> bool:
-    """Write the lock atomically; returns whether the file changed."""
-    text = render_lock(lock)
-    try:
-        if path.read_text(encoding="utf-8") == text:
-            return False
-    except (FileNotFoundError, UnicodeDecodeError):
-        pass
-    write_text_atomic(path, text)
-    return True
 
 
 def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -> Lock:
@@ -516,14 +450,19 @@ def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -
     if not lock_path.exists():
         raise StaleLockError(f"{lock_path}: missing", hint="run `stacklock lock` and commit the lock")
     locked = read_lock(lock_path)
-    manifest, data = read_manifest(manifest_path)
+    _manifest, data = read_manifest(manifest_path)
     if locked.manifest_hash != manifest_hash(data):
         raise StaleLockError(
-            f"{lock_path} is stale: {manifest_path.name} changed since it was locked", hint="run `stacklock lock`"
+            f"{lock_path} is stale: {manifest_path.name} changed since it was locked",
+            hint="run `stacklock lock`",
         )
     # Registries are re-read (not served from the cache by their pinned digest) so that a changed one shows.
     inputs = load_inputs(
-        manifest_path, offline=offline, registry_pins=locked.registries, refresh_registries=not offline
+        manifest_path,
+        offline=offline,
+        registry_pins=locked.registries,
+        refresh_registries=not offline,
+        model_revision=locked.model.revision,
     )
     changed = compare_pins(locked.registries, inputs.registries)
     if changed:

@@ -94,7 +94,6 @@ KNOWN_FACTS: Final[Mapping[str, str]] = {
     "backend.cache-type-v": "KV-cache type of V (str).",
     "backend.gpu-layers": "Layers offloaded to the GPU, -1 for all (int).",
     "backend.context-size": "The context window the engine is given (int).",
-    "backend.os": "The operating system: 'linux', 'macos', 'windows' (str).",
     "smoke.has-system-message": "Whether any smoke prompt has a system message (bool).",
 }
 

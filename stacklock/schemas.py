@@ -17,7 +17,8 @@ from stacklock.atomic import write_text_atomic
 
 def _schema(model: type[BaseModel], title: str) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **schema}
+    # The file's name is the title editors show, in place of the model's class name.
+    return {**schema, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": title}
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

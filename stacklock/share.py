@@ -12,24 +12,45 @@ from stacklock.errors import RegistryError, UsageError
 from stacklock.findings import RegistrySource
 from stacklock.lock import LOCK_NAME, parse_lock
 from stacklock.manifest import MANIFEST_NAME, parse_manifest
-from stacklock.registry import export_stack_entry, find_stack, parse_certificate, resolve_registries
+from stacklock.registry import (
+    FORMAT_VERSION,
+    export_stack_entry,
+    find_stack,
+    parse_certificate,
+    resolve_registries,
+)
 
 
-def validate_stack(manifest_text: str, lock_text: str, certificate: Mapping[str, Any], origin: str) -> None:
-    """A shareable stack: a valid manifest and lock, and a certificate that reproduced exactly this lock."""
-    parse_manifest(manifest_text, f"{origin}/{MANIFEST_NAME}")
-    lock = parse_lock(lock_text, f"{origin}/{LOCK_NAME}")
+def validate_stack(
+    manifest_text: str,
+    lock_text: str,
+    certificate: Mapping[str, Any],
+    *,
+    manifest_origin: str = MANIFEST_NAME,
+    lock_origin: str = LOCK_NAME,
+    certificate_origin: str = "certificate.json",
+) -> None:
+    """A shareable stack: a valid manifest and lock with goldens, and a certificate that reproduced this lock.
+
+    The origins name the files in errors: the user's files when sharing, the entry's files when exporting.
+    """
+    parse_manifest(manifest_text, manifest_origin)
+    lock = parse_lock(lock_text, lock_origin)
     if not any(pin.golden for pin in lock.smoke):
-        raise RegistryError(f"{origin}: the lock has no goldens", hint="run `stacklock record` first")
+        raise RegistryError(
+            f"{lock_origin}: no goldens recorded",
+            hint="run `stacklock record`, then `stacklock verify --certificate FILE`",
+        )
     digest = hashlib.sha256(lock_text.encode("utf-8")).hexdigest()
     if certificate.get("lock-sha256") != digest:
         raise RegistryError(
-            f"{origin}: the certificate is for another lock (lock-sha256 differs)",
+            f"{certificate_origin}: certifies another lock than {lock_origin} (lock-sha256 differs)",
             hint="run `stacklock verify --certificate FILE` on this lock again",
         )
     if certificate.get("reproduced") is not True:
         raise RegistryError(
-            f"{origin}: the certificate says the stack did not reproduce", hint="only certified stacks are shared"
+            f"{certificate_origin}: the stack did not reproduce",
+            hint="only certified stacks are shared; make `stacklock verify` pass first",
         )
 
 
@@ -43,28 +64,53 @@ def share_stack(
     tags: Sequence[str] = (),
     overwrite: bool = False,
 ) -> Path:
+    # Checked first: a wrong target is cheaper to fix than anything about the stack.
+    if not registry_dir.is_dir():
+        raise UsageError(f"{registry_dir}: not a directory", hint="give the path of a registry checkout")
+    if not (registry_dir / "registry.toml").is_file():
+        raise UsageError(
+            f"{registry_dir}: not a registry (no registry.toml)",
+            hint=f"give the path of a registry checkout, or create registry.toml with format-version = "
+            f"{FORMAT_VERSION} and a name",
+        )
     lock_path = manifest_path.with_name(LOCK_NAME)
     try:
         manifest_text = manifest_path.read_text(encoding="utf-8")
         lock_text = lock_path.read_text(encoding="utf-8")
         certificate_text = certificate_path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise UsageError(f"{exc.filename}: not found", hint="run `stacklock lock`, `record` and `verify` first") from None
+        raise UsageError(
+            f"{exc.filename}: not found", hint="run `stacklock lock`, `record` and `verify` first"
+        ) from None
     manifest = parse_manifest(manifest_text, str(manifest_path))
     certificate = parse_certificate(certificate_text, str(certificate_path))
-    validate_stack(manifest_text, lock_text, certificate, str(manifest_path.parent))
-    if not registry_dir.is_dir():
-        raise UsageError(f"{registry_dir}: not a directory", hint="give the path of a registry checkout")
+    validate_stack(
+        manifest_text,
+        lock_text,
+        certificate,
+        manifest_origin=str(manifest_path),
+        lock_origin=str(lock_path),
+        certificate_origin=str(certificate_path),
+    )
+    entry_name = name or manifest.stack.name
+    entry = f"{registry_dir}/stacks/{entry_name}"
     return export_stack_entry(
         manifest_text,
         lock_text,
         certificate_text,
         registry_dir,
-        name or manifest.stack.name,
+        entry_name,
         title=title or manifest.stack.description or manifest.stack.name,
         description=manifest.stack.description,
         tags=tags,
-        check=lambda m, lk, c: validate_stack(m, lk, c, str(registry_dir)),
+        check=lambda m, lk, c: validate_stack(
+            m,
+            lk,
+            c,
+            manifest_origin=f"{entry}/{MANIFEST_NAME}",
+            lock_origin=f"{entry}/{LOCK_NAME}",
+            certificate_origin=f"{entry}/certificate.json",
+        ),
         overwrite=overwrite,
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from stacklock.errors import NetworkError, SourceError
 
@@ -68,8 +68,13 @@ class FetchedModel:
     """The resolved revision (a hub commit), when the source has one."""
 
 
-def fetch_model(source: ModelSource, base_dir: Path, *, offline: bool = False) -> FetchedModel:
-    """Make the model file available locally and say where it is."""
+def fetch_model(
+    source: ModelSource, base_dir: Path, *, offline: bool = False, endpoint: str | None = None
+) -> FetchedModel:
+    """Make the model file available locally and say where it is.
+
+    ``endpoint`` is the hub to ask for ``hf://`` sources (default: ``$HF_ENDPOINT``, else huggingface.co).
+    """
     if isinstance(source, LocalSource):
         path = Path(source.path)
         path = path if path.is_absolute() else base_dir / path
@@ -80,20 +85,35 @@ def fetch_model(source: ModelSource, base_dir: Path, *, offline: bool = False) -
             )
         return FetchedModel(path, None)
     if isinstance(source, HubSource):
-        return _fetch_hub(source, offline=offline)
+        return _fetch_hub(source, offline=offline, endpoint=endpoint)
     raise SourceError(
         f"model.source: registry://{source.name}: registry model sources are not supported yet",
         hint="use a local path or hf://owner/repo@revision/file.gguf",
     )
 
 
-def _fetch_hub(source: HubSource, *, offline: bool) -> FetchedModel:
+def _env_true(name: str) -> bool:
+    # The spellings huggingface_hub accepts for its own switches.
+    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_cache_dir() -> str | None:
+    # huggingface_hub reads these once, when it is first imported; reading them here, per call, lets a
+    # long-lived process (or a test) point stacklock at another cache without re-importing the client.
+    if cache := os.environ.get("HF_HUB_CACHE"):
+        return cache
+    if home := os.environ.get("HF_HOME"):
+        return str(Path(home) / "hub")
+    return None
+
+
+def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> FetchedModel:
     # Imported here: huggingface_hub is slow to import and only hub sources need it.
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
     from huggingface_hub.errors import (  # noqa: PLC0415
-        EntryNotFoundError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -104,25 +124,35 @@ def _fetch_hub(source: HubSource, *, offline: bool) -> FetchedModel:
             repo_id=source.repo,
             filename=source.path,
             revision=source.revision,
-            local_files_only=offline or os.environ.get("HF_HUB_OFFLINE") == "1",
+            cache_dir=_hub_cache_dir(),
+            # The client reads HF_ENDPOINT and HF_HUB_OFFLINE at import; these are read per call.
+            endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,
+            local_files_only=offline or _env_true("HF_HUB_OFFLINE"),
         )
     except RepositoryNotFoundError:
-        raise SourceError(f"{where}: repository not found", hint="check the owner/repo name") from None
+        raise SourceError(
+            f"{where}: repository not found (or private)",
+            hint="check the owner/repo name (a private repository needs HF_TOKEN)",
+        ) from None
     except RevisionNotFoundError:
         raise SourceError(f"{where}: revision not found", hint="check the branch, tag or commit") from None
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         raise SourceError(f"{where}: file not found in the repository", hint="check the path") from None
     except LocalEntryNotFoundError:
+        # Also an EntryNotFoundError in huggingface_hub: caught by its own class, after the remote one.
         raise NetworkError(
             f"{where}: not in the local hub cache and the hub is not reachable",
             hint="go online once to download it, or set HF_ENDPOINT",
         ) from None
     except (HfHubHTTPError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise NetworkError(
-            f"{where}: download failed: {exc}", hint="check the network or HF_ENDPOINT"
+            f"{where}: download failed: {reason}", hint="check the network or HF_ENDPOINT"
         ) from None
     path = Path(local)
-    # The hub cache lays files out as .../snapshots/<commit>/<path>: the commit is the resolved revision.
-    parts = path.parts
-    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts else source.revision
+    # The hub cache lays files out as <repo>/snapshots/<commit>/<path in the repo>: the directory above the
+    # path's own folders is the resolved commit, whatever the branch or tag asked for.
+    depth = len(PurePosixPath(source.path).parts)
+    snapshot = path.parents[depth - 1]
+    revision = snapshot.name if snapshot.parent.name == "snapshots" else source.revision
     return FetchedModel(path, revision)

@@ -598,7 +598,7 @@ def _output_exceeded() -> None:
     raise _Limit("output", "")
 
 
-def _context(  # noqa: PLR0917 - Internal, mirrors the public keywords one to one.
+def _context(
     messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool,
     bos_token: str | None,
@@ -682,7 +682,7 @@ def _translate(error: Exception, label: str, limits: RenderLimits) -> TemplateEr
         if error.kind == "output":
             return TemplateError(
                 f"{label}: output exceeded {limits.max_output_chars} characters",
-                hint="the template writes runaway output; check its loops or raise RenderLimits.max_output_chars",  # noqa: E501
+                hint="the template writes runaway output; check its loops or raise RenderLimits.max_output_chars",
             )
         if error.kind == "int":
             return TemplateError(

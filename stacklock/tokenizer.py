@@ -23,10 +23,9 @@ from pydantic import Field
 
 from stacklock._model import Model
 from stacklock.errors import GGUFError
-from stacklock.gguf_file import GGUFArray, value_type_name
 
 if TYPE_CHECKING:
-    from stacklock.gguf_file import GGUFFile
+    from stacklock.gguf_file import GGUFArray, GGUFFile
 
 __all__ = ["EOM_TEXTS", "EOT_TEXTS", "TokenizerFingerprint", "fingerprint_tokenizer"]
 
@@ -127,6 +126,10 @@ def _where(gguf: GGUFFile, key: str) -> str:
 
 
 def _array(gguf: GGUFFile, key: str, item_type: int) -> GGUFArray | None:
+    # Imported here: the reader needs numpy, and modules that only read a lock's fingerprint (`stacklock
+    # check`) import this one without ever reading a GGUF file.
+    from stacklock.gguf_file import GGUFArray, value_type_name  # noqa: PLC0415
+
     value = gguf.metadata.get(key)
     if value is None:
         return None

@@ -47,6 +47,7 @@ __all__ = [
     "engine_differences",
     "first_difference",
     "golden_from_observation",
+    "is_certified",
     "recording_from",
     "round_logprob",
     "skipped",
@@ -120,7 +121,9 @@ class VerifyReport(Model):
     """The outcome of `stacklock verify`."""
 
     results: tuple[SmokeResult, ...] = Field(description="One result per smoke prompt.")
-    reproduced: bool = Field(description="True when no stage of any smoke prompt failed.")
+    reproduced: bool = Field(
+        description="True when every stage of every smoke prompt was compared and none failed."
+    )
     tolerated: bool = Field(description="True when reproduction needed the tolerance somewhere.")
     engine: EngineIdentity | None = Field(default=None, description="The engine observed now.")
     tolerance: Tolerance | None = Field(default=None, description="The tolerance in force, if any.")
@@ -603,8 +606,11 @@ def smoke_result(name: str, stages: Sequence[StageResult]) -> SmokeResult:
     ordered = tuple(sorted(stages, key=lambda result: STAGES.index(result.stage)))
     failure = next((result for result in ordered if result.status == "fail"), None)
     tolerated = any(result.status == "tolerated" for result in ordered)
+    skip = next((result for result in ordered if result.status == "skip"), None)
     if failure is not None:
         explanation = f"{failure.stage}: {failure.detail}"
+    elif skip is not None:
+        explanation = f"not certified: {skip.stage}: {skip.detail}"
     elif tolerated:
         explanation = "reproduced within the tolerance"
     else:
@@ -616,6 +622,14 @@ def smoke_result(name: str, stages: Sequence[StageResult]) -> SmokeResult:
         tolerated=tolerated,
         explanation=explanation,
     )
+
+
+def is_certified(result: SmokeResult) -> bool:
+    """Whether every stage of a smoke prompt was compared and none failed.
+
+    A smoke prompt without a golden fails nothing, but skips the stages that need one; it certifies nothing.
+    """
+    return result.first_failure is None and all(stage.status != "skip" for stage in result.stages)
 
 
 def compare_smoke(
@@ -699,11 +713,11 @@ def build_report(
     recorded_engine: Mapping[str, object] | None = None,
     tolerance: Tolerance | None = None,
 ) -> VerifyReport:
-    """The verify report: reproduced when no stage of any smoke prompt failed."""
+    """The verify report: reproduced when every smoke prompt was compared stage by stage and none failed."""
     notes = engine_differences(recorded_engine, engine) if engine is not None and recorded_engine else ()
     return VerifyReport(
         results=tuple(results),
-        reproduced=all(result.first_failure is None for result in results),
+        reproduced=bool(results) and all(is_certified(result) for result in results),
         tolerated=any(result.tolerated for result in results),
         engine=engine,
         tolerance=tolerance,

@@ -193,7 +193,10 @@ def test_failed_lock_leaves_the_previous_lock_intact(tmp_path: Path, cli: Cli) -
 
 
 def test_manifest_sha256_mismatch_is_refused(tmp_path: Path, cli: Cli) -> None:
-    project = _project(tmp_path, PINNED_MANIFEST.replace('source = "tiny.gguf"', 'source = "tiny.gguf"\nsha256 = "' + "0" * 64 + '"'))
+    project = _project(
+        tmp_path,
+        PINNED_MANIFEST.replace('source = "tiny.gguf"', 'source = "tiny.gguf"\nsha256 = "' + "0" * 64 + '"'),
+    )
     result = cli("lock", cwd=project)
     assert result.code == 2
     assert "model.sha256: tiny.gguf has sha256 " in result.err
@@ -208,7 +211,8 @@ def test_malformed_gguf_is_one_line(tmp_path: Path, cli: Cli) -> None:
     assert result.code == 2
     assert result.err.count("\n") == 1
     assert result.err.startswith("error: ")
-    assert "tiny.gguf" in result.err and "byte" in result.err
+    assert "tiny.gguf" in result.err
+    assert "byte" in result.err
     assert "Traceback" not in result.err
 
 
@@ -273,7 +277,9 @@ def test_inspect_missing_file(tmp_path: Path, cli: Cli) -> None:
     assert result.err.count("\n") == 1
 
 
-@pytest.mark.parametrize("args", [["lock", "--allow", "x"], ["lock", "--check", "--allow", "x", "--reason", "y"]])
+@pytest.mark.parametrize(
+    "args", [["lock", "--allow", "x"], ["lock", "--check", "--allow", "x", "--reason", "y"]]
+)
 def test_usage_errors(tiny_project: Path, cli: Cli, args: list[str]) -> None:
     (tiny_project / "llmstack.toml").write_text(PINNED_MANIFEST)
     result = cli(*args, cwd=tiny_project)

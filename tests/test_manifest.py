@@ -34,12 +34,12 @@ def test_example_manifest_parses_with_kebab_keys() -> None:
     assert manifest.backend.kind is BackendKind.CPU
     assert manifest.backend.context_size == 1024
     assert manifest.sampler.temperature == 0.0
-    assert [s.name for s in manifest.smoke] == ["capital", "system-prompt", "greeting", "completion"]
+    assert [s.name for s in manifest.smoke] == ["capital", "colours", "chat", "chat-with-system"]
 
 
 def test_system_prompt_goes_first_in_the_conversation() -> None:
     manifest = parse_manifest(EXAMPLE.read_text())
-    smoke = manifest.smoke[1]
+    smoke = manifest.smoke[3]
     assert [m["role"] for m in smoke.conversation()] == ["system", "user"]
 
 
@@ -58,7 +58,12 @@ def test_defaults_fill_missing_tables() -> None:
 
 @pytest.mark.parametrize(
     ("engine", "version"),
-    [("llama.cpp", ">=b4628,<b7756"), ("llama.cpp", "==b4628"), ("llama-cpp-python", "~=0.3.24"), ("vllm", "")],
+    [
+        ("llama.cpp", ">=b4628,<b7756"),
+        ("llama.cpp", "==b4628"),
+        ("llama-cpp-python", "~=0.3.24"),
+        ("vllm", ""),
+    ],
 )
 def test_engine_requirements_accepted(engine: str, version: str) -> None:
     text = f'[stack]\nname = "s"\n[model]\nsource = "m"\n[engine]\nname = "{engine}"\nversion = "{version}"\n'

@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import platform
 import sys
+from importlib import metadata as importlib_metadata
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -250,6 +251,20 @@ def observe(
         generation=generation,
         top_k=top_k,
     )
+
+
+#: Python distributions of the engines stacklock can find installed without importing them.
+ENGINE_DISTRIBUTIONS = {"llama-cpp-python": "llama-cpp-python", "vllm": "vllm"}
+
+
+def installed_engine_version(name: str) -> str | None:
+    dist = ENGINE_DISTRIBUTIONS.get(name)
+    if dist is None:
+        return None
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return None
 
 
 def current_environment() -> Environment:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import platform
 import sys
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, cast
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["ENGINE_NAME", "INSTALL_HINT", "LlamaCppEngine", "LlamaCppModel", "top_logprobs"]
+__all__ = ["ENGINE_NAME", "INSTALL_HINT", "EngineLog", "LlamaCppEngine", "LlamaCppModel", "top_logprobs"]
 
 ENGINE_NAME = "llama-cpp-python"
 INSTALL_HINT = (
@@ -50,11 +51,71 @@ RANDOM_SEED = 0xFFFFFFFF
 _DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
 
+# ggml_log_level values, from ggml.h (llama-cpp-python's own logger still maps the older numbering, so it
+# prints every warning whatever ``verbose`` says).
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
+
+
+class EngineLog:
+    """llama.cpp's log, kept instead of printed: the last lines, for error messages.
+
+    llama.cpp writes its progress and warnings to stderr (``n_ctx_seq (512) > n_ctx_train (256)``, ``using
+    full-size SWA cache``...), which would interleave with stacklock's one-line output. The lines are kept in a
+    ring buffer instead, and an error raised by the adapter quotes the warnings and errors among them.
+    """
+
+    def __init__(self, size: int = 200) -> None:
+        self.lines: deque[tuple[int, str]] = deque(maxlen=size)
+        self._partial = ""
+        self._level = 0
+        # ctypes must keep the callback object alive as long as llama.cpp may call it: for the process.
+        self.callback: Any = None
+
+    def write(self, level: int, text: str) -> None:
+        """One call of llama.cpp's log callback: a line, a fragment of one, or a continuation."""
+        if level != _LOG_CONT:
+            self._level = level
+        self._partial += text
+        *complete, self._partial = self._partial.split("\n")
+        self.lines.extend((self._level, line.rstrip()) for line in complete if line.strip())
+
+    def clear(self) -> None:
+        """Forget the lines so far, so that a message quotes only what followed."""
+        self.lines.clear()
+        self._partial = ""
+
+    def problems(self, limit: int = 3) -> tuple[str, ...]:
+        """The last warnings and errors llama.cpp logged, most recent last."""
+        found = [line for level, line in self.lines if level in {_LOG_WARN, _LOG_ERROR}]
+        errors = [line for level, line in self.lines if level == _LOG_ERROR]
+        return tuple((errors or found)[-limit:])
+
+    def quote(self) -> str:
+        """The problems as a suffix for a one-line error message, or nothing."""
+        said = " | ".join(self.problems())
+        return f" (llama.cpp: {said})" if said else ""
+
+
+ENGINE_LOG = EngineLog()
+
+
+def _install_log(llama_cpp: Any) -> None:
+    if ENGINE_LOG.callback is not None:
+        return
+
+    def on_log(level: int, text: bytes | None, _user_data: Any) -> None:
+        ENGINE_LOG.write(int(level), (text or b"").decode("utf-8", "replace"))
+
+    ENGINE_LOG.callback = llama_cpp.llama_log_callback(on_log)
+    llama_cpp.llama_log_set(ENGINE_LOG.callback, ctypes.c_void_p(0))
+
+
 def _import_llama_cpp() -> Any:
     try:
         import llama_cpp  # noqa: PLC0415 - the engine is an optional extra, imported only when asked for.
     except ImportError as exc:
         raise EngineError(f"the {ENGINE_NAME} engine is not installed ({exc})", hint=INSTALL_HINT) from exc
+    _install_log(llama_cpp)
     return llama_cpp
 
 
@@ -219,11 +280,12 @@ class LlamaCppModel:
         }
         if backend.batch_size is not None:
             options["n_batch"] = backend.batch_size
+        ENGINE_LOG.clear()
         try:
             self._llm = lc.Llama(str(model_path), **options)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(
-                f"{ENGINE_NAME} could not load {model_path}: {exc}",
+                f"{ENGINE_NAME} could not load {model_path}: {exc}{ENGINE_LOG.quote()}",
                 hint="check that the file is the locked GGUF (stacklock verify reports its hash) and that "
                 "this engine version supports its architecture",
             ) from exc
@@ -285,7 +347,9 @@ class LlamaCppModel:
         try:
             tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=parse_special)
         except RuntimeError as exc:
-            raise EngineError(f"{ENGINE_NAME} failed to tokenize the prompt: {exc}") from exc
+            raise EngineError(
+                f"{ENGINE_NAME} failed to tokenize the prompt: {exc}{ENGINE_LOG.quote()}"
+            ) from exc
         return tuple(int(token) for token in tokens)
 
     def _piece_bytes(self, token: int, *, special: bool) -> bytes:
@@ -355,7 +419,7 @@ class LlamaCppModel:
             self._llm.eval(tokens)
         except RuntimeError as exc:
             raise EngineError(
-                f"{ENGINE_NAME} crashed while evaluating tokens at position {position}: {exc}",
+                f"{ENGINE_NAME} crashed while evaluating tokens at position {position}: {exc}{ENGINE_LOG.quote()}",
                 hint="check the backend settings (context-size, batch-size) and the engine's log",
             ) from exc
 

@@ -1,0 +1,397 @@
+"""Model sources: parsing, local files, and ``hf://`` through the real huggingface_hub client.
+
+The hub is a small hub-compatible HTTP server on 127.0.0.1, serving what ``hf_hub_download`` asks for the way
+huggingface.co does for LFS files: ``HEAD /{repo}/resolve/{revision}/{path}`` answers 302 with ``X-Repo-Commit``,
+``X-Linked-Etag`` and ``X-Linked-Size``, pointing at a second server (the "CDN", another origin, so the
+client stops there as it does for the real CDN), which serves the bytes. Errors carry the hub's
+``X-Error-Code`` header. Nothing here reaches the real hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from stacklock.errors import ExitCode, NetworkError, SourceError
+from stacklock.sources import (
+    FetchedModel,
+    HubSource,
+    LocalSource,
+    RegistryModelSource,
+    fetch_model,
+    parse_model_source,
+)
+from tests.conftest import CHATML, Result
+from tests.gguf_builder import build_tiny_gguf
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OLD_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+REPO = "tiny-org/tiny-gguf"
+
+
+# ------------------------------------------------------------------------------------------- a local hub
+
+
+@dataclass
+class Hub:
+    """Repositories by id: branches and tags name commits; each commit maps paths to file contents."""
+
+    refs: dict[str, dict[str, str]] = field(default_factory=dict)
+    commits: dict[str, dict[str, dict[str, bytes]]] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    url: str = ""
+    cdn_url: str = ""
+
+    def add(
+        self, repo: str, commit: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",)
+    ) -> None:
+        self.commits.setdefault(repo, {})[commit] = files
+        for ref in refs:
+            self.refs.setdefault(repo, {})[ref] = commit
+        for content in files.values():
+            self.blobs[hashlib.sha256(content).hexdigest()] = content
+
+
+def _handler(hub: Hub, *, cdn: bool) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:  # The test output stays clean.
+            pass
+
+        def do_HEAD(self) -> None:
+            self._answer(body=False)
+
+        def do_GET(self) -> None:
+            self._answer(body=True)
+
+        def _send(self, status: int, headers: dict[str, str], body: bytes = b"", *, send_body: bool) -> None:
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+
+        def _error(
+            self, code: str, message: str, extra: dict[str, str] | None = None, *, send_body: bool
+        ) -> None:
+            headers = {"X-Error-Code": code, "X-Error-Message": message, **(extra or {})}
+            self._send(404, headers, message.encode(), send_body=send_body)
+
+        def _answer(self, *, body: bool) -> None:
+            path = unquote(self.path.split("?", 1)[0])
+            hub.requests.append(f"{self.command} {path}")
+            if path.startswith("/blobs/"):
+                content = hub.blobs.get(path.removeprefix("/blobs/"))
+                if content is None:
+                    self._send(404, {}, send_body=body)
+                else:
+                    self._send(200, {"Content-Type": "application/octet-stream"}, content, send_body=body)
+                return
+            if cdn:  # Like any web server that is not a hub: a page, and none of the hub's headers.
+                self._send(200, {"Content-Type": "text/html"}, b"<html>not a hub</html>", send_body=body)
+                return
+            # /{owner}/{name}/resolve/{revision}/{path...}
+            parts = path.lstrip("/").split("/")
+            if len(parts) < 5 or parts[2] != "resolve":
+                self._send(400, {}, b"bad request", send_body=body)
+                return
+            repo, revision, filename = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
+            if repo not in hub.commits:
+                self._error("RepoNotFound", "Repository not found", send_body=body)
+                return
+            commit = hub.refs[repo].get(revision, revision)
+            if commit not in hub.commits[repo]:
+                self._error("RevisionNotFound", f"Invalid rev id: {revision}", send_body=body)
+                return
+            content = hub.commits[repo][commit].get(filename)
+            if content is None:
+                self._error(
+                    "EntryNotFound", f"{filename} does not exist", {"X-Repo-Commit": commit}, send_body=body
+                )
+                return
+            sha = hashlib.sha256(content).hexdigest()
+            headers = {
+                "Location": f"{hub.cdn_url}/blobs/{sha}",
+                "X-Repo-Commit": commit,
+                "X-Linked-Etag": f'"{sha}"',
+                "X-Linked-Size": str(len(content)),
+                "ETag": f'"{hashlib.sha1(content).hexdigest()}"',  # The LFS pointer's git oid.
+            }
+            self._send(302, headers, send_body=body)
+
+    return Handler
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Hub]:
+    """A running local hub (and its CDN), with HF_ENDPOINT and an empty hub cache pointed at it."""
+    state = Hub()
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(state, cdn=cdn)) for cdn in (False, True)]
+    threads = [threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    state.url, state.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    monkeypatch.setenv("HF_ENDPOINT", state.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # No token file of the user's is read.
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    yield state
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def model_bytes(tmp_path: Path) -> bytes:
+    path = tmp_path / "built" / "tiny.gguf"
+    path.parent.mkdir()
+    build_tiny_gguf(path, chat_template=CHATML)
+    return path.read_bytes()
+
+
+def _fetch(text: str, **kwargs: object) -> FetchedModel:
+    return fetch_model(parse_model_source(text), Path("/nonexistent"), **kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("models/x.gguf", LocalSource("models/x.gguf")),
+        ("file:models/x.gguf", LocalSource("models/x.gguf")),
+        ("/abs/x.gguf", LocalSource("/abs/x.gguf")),
+        ("hf://owner/repo/x.gguf", HubSource("owner/repo", "main", "x.gguf")),
+        ("hf://owner/repo@v1.0/sub/dir/x.gguf", HubSource("owner/repo", "v1.0", "sub/dir/x.gguf")),
+        (f"hf://o-1/r.e_po@{COMMIT}/x.gguf", HubSource("o-1/r.e_po", COMMIT, "x.gguf")),
+        ("registry://gemma3-270m", RegistryModelSource("gemma3-270m")),
+    ],
+)
+def test_parse_model_source(text: str, expected: object) -> None:
+    assert parse_model_source(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "hf://just-a-repo",
+            "model.source: 'hf://just-a-repo' is not a hub source; write hf://owner/repo@revision/path/to/file.gguf",
+        ),
+        (
+            "hf://owner/repo@main",
+            "model.source: 'hf://owner/repo@main' is not a hub source; write hf://owner/repo@revision/path/to/file.gguf",
+        ),
+        (
+            "s3://bucket/x.gguf",
+            (
+                "model.source: unsupported source scheme in 's3://bucket/x.gguf'; "
+                "use a local path, hf://owner/repo@revision/file.gguf or registry://name"
+            ),
+        ),
+    ],
+)
+def test_parse_model_source_errors(text: str, message: str) -> None:
+    with pytest.raises(SourceError) as info:
+        parse_model_source(text)
+    assert str(info.value) == message
+
+
+def test_local_source_is_relative_to_the_manifest(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "x.gguf").write_bytes(b"GGUF")
+    assert fetch_model(LocalSource("models/x.gguf"), tmp_path) == FetchedModel(
+        tmp_path / "models" / "x.gguf", None
+    )
+    with pytest.raises(SourceError) as info:
+        fetch_model(LocalSource("models/y.gguf"), tmp_path)
+    assert str(info.value) == (
+        "model.source: file not found: models/y.gguf; fix the path (relative to llmstack.toml) or create the file"
+    )
+
+
+# -------------------------------------------------------------------------------------------- hub sources
+
+
+def test_hub_download_returns_the_file_and_its_commit(hub: Hub, model_bytes: bytes, tmp_path: Path) -> None:
+    hub.add(REPO, COMMIT, {"gguf/tiny-q8_0.gguf": model_bytes})
+    fetched = _fetch(f"hf://{REPO}/gguf/tiny-q8_0.gguf")
+    assert fetched.revision == COMMIT  # "main" was asked for; the lock needs the commit it resolved to.
+    assert fetched.path.read_bytes() == model_bytes
+    assert fetched.path.is_relative_to(tmp_path / "hf-cache")
+    assert fetched.path.parts[-4:] == ("snapshots", COMMIT, "gguf", "tiny-q8_0.gguf")
+    assert f"HEAD /{REPO}/resolve/main/gguf/tiny-q8_0.gguf" in hub.requests
+    assert f"GET /blobs/{hashlib.sha256(model_bytes).hexdigest()}" in hub.requests
+
+
+def test_hub_tags_and_commits_resolve_to_their_own_commit(hub: Hub, model_bytes: bytes) -> None:
+    hub.add(REPO, OLD_COMMIT, {"tiny.gguf": model_bytes[:-1] + b"\0"}, refs=("v1",))
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    assert _fetch(f"hf://{REPO}@v1/tiny.gguf").revision == OLD_COMMIT
+    pinned = _fetch(f"hf://{REPO}@{OLD_COMMIT}/tiny.gguf")
+    assert pinned.revision == OLD_COMMIT
+    assert pinned.path.read_bytes()[-1:] == b"\0"
+    assert _fetch(f"hf://{REPO}/tiny.gguf").path.read_bytes() == model_bytes
+
+
+def test_the_endpoint_parameter_wins_over_the_environment(
+    hub: Hub, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # Nothing listens on the discard port.
+    assert _fetch(f"hf://{REPO}/tiny.gguf", endpoint=hub.url).revision == COMMIT
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            "hf://nobody/nothing@main/tiny.gguf",
+            (
+                "model.source: hf://nobody/nothing@main/tiny.gguf: repository not found (or private); "
+                "check the owner/repo name (a private repository needs HF_TOKEN)"
+            ),
+        ),
+        (
+            f"hf://{REPO}@no-such-branch/tiny.gguf",
+            f"model.source: hf://{REPO}@no-such-branch/tiny.gguf: revision not found; check the branch, tag or commit",
+        ),
+        (
+            f"hf://{REPO}@main/other.gguf",
+            f"model.source: hf://{REPO}@main/other.gguf: file not found in the repository; check the path",
+        ),
+    ],
+)
+def test_hub_errors_are_one_line_source_errors(
+    hub: Hub, model_bytes: bytes, source: str, message: str
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    with pytest.raises(SourceError) as info:
+        _fetch(source)
+    assert str(info.value) == message
+    assert info.value.exit_code == ExitCode.BAD_INPUT
+
+
+def test_offline_uses_the_hub_cache(hub: Hub, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    online = _fetch(f"hf://{REPO}/tiny.gguf")
+    hub.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = _fetch(f"hf://{REPO}/tiny.gguf")
+    assert offline == online
+    assert offline.revision == COMMIT
+    assert hub.requests == []  # Not one request: offline means offline.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert _fetch(f"hf://{REPO}/tiny.gguf", offline=True) == online
+    assert hub.requests == []
+
+
+def test_offline_without_the_file_cached_is_a_network_error(hub: Hub, model_bytes: bytes) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    with pytest.raises(NetworkError) as info:
+        _fetch(f"hf://{REPO}/tiny.gguf", offline=True)
+    assert str(info.value) == (
+        f"model.source: hf://{REPO}@main/tiny.gguf: not in the local hub cache and the hub is not reachable; "
+        "go online once to download it, or set HF_ENDPOINT"
+    )
+    assert info.value.exit_code == ExitCode.UNAVAILABLE
+    assert hub.requests == []
+
+
+def test_an_endpoint_that_is_not_a_hub_is_a_network_error(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    # HF_ENDPOINT at a plain web server (here the CDN) and nothing cached: the client cannot fall back to the
+    # cache. (A closed port would do too, but the client retries it for about 20 seconds.)
+    monkeypatch.setenv("HF_ENDPOINT", hub.cdn_url)
+    with pytest.raises(NetworkError) as info:
+        _fetch(f"hf://{REPO}/tiny.gguf")
+    assert str(info.value) == (
+        f"model.source: hf://{REPO}@main/tiny.gguf: not in the local hub cache and the hub is not reachable; "
+        "go online once to download it, or set HF_ENDPOINT"
+    )
+    assert int(info.value.exit_code) == 3
+    assert hub.requests == [f"HEAD /{REPO}/resolve/main/tiny.gguf"]
+
+
+# ------------------------------------------------------------------------------------------ through the CLI
+
+HUB_MANIFEST = """\
+[stack]
+name = "tiny-hub"
+
+[model]
+source = "{source}"
+
+[template]
+source = "gguf"
+
+[engine]
+name = "llama.cpp"
+version = "==b4628"
+"""
+
+
+def _hub_project(tmp_path: Path, source: str) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "llmstack.toml").write_text(HUB_MANIFEST.format(source=source), encoding="utf-8")
+    return project
+
+
+def test_lock_a_hub_model(hub: Hub, model_bytes: bytes, tmp_path: Path, cli: Callable[..., Result]) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    project = _hub_project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    result = cli("lock", cwd=project)
+    assert result.code == 0, result.err
+    lock = (project / "llmstack.lock").read_text(encoding="utf-8")
+    assert f'source = "hf://{REPO}/tiny.gguf"' in lock
+    assert f'sha256 = "{hashlib.sha256(model_bytes).hexdigest()}"' in lock
+
+
+@pytest.mark.parametrize(
+    ("source", "offline", "code", "error"),
+    [
+        (
+            f"hf://{REPO}@main/missing.gguf",
+            False,
+            2,
+            f"error: model.source: hf://{REPO}@main/missing.gguf: file not found in the repository; check the path\n",
+        ),
+        (
+            f"hf://{REPO}@main/tiny.gguf",
+            True,
+            3,
+            (
+                f"error: model.source: hf://{REPO}@main/tiny.gguf: not in the local hub cache and the hub is not "
+                "reachable; go online once to download it, or set HF_ENDPOINT\n"
+            ),
+        ),
+    ],
+)
+def test_lock_hub_errors_exit_with_one_line(
+    hub: Hub,
+    model_bytes: bytes,
+    tmp_path: Path,
+    cli: Callable[..., Result],
+    source: str,
+    offline: bool,
+    code: int,
+    error: str,
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    project = _hub_project(tmp_path, source)
+    result = cli("lock", *(["--offline"] if offline else []), cwd=project)
+    assert (result.code, result.err) == (code, error)
+    assert not (project / "llmstack.lock").exists()
