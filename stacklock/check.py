@@ -31,7 +31,9 @@ class CheckResult:
         return not self.blocking
 
 
-def check_stack(lock: Lock, registries: Sequence[LoadedRegistry], installed_engine: str | None) -> CheckResult:
+def check_stack(
+    lock: Lock, registries: Sequence[LoadedRegistry], installed_engine: str | None
+) -> CheckResult:
     rules = rules_for(registries)
     facts = facts_from_lock(lock)
     findings = {f.rule: f for f in evaluate(rules, facts)}
@@ -79,9 +81,7 @@ def render_check_text(result: CheckResult) -> str:
         if finding.references:
             lines.append(f"  see: {', '.join(finding.references)}")
     errors = sum(f.severity is Severity.ERROR for f in result.findings)
-    lines.append(
-        f"{len(result.findings)} finding(s): {errors} error(s), {len(result.blocking)} not allowed"
-    )
+    lines.append(f"{len(result.findings)} finding(s): {errors} error(s), {len(result.blocking)} not allowed")
     return "\n".join(lines)
 
 
