@@ -20,4 +20,5 @@ class Model(BaseModel):
         populate_by_name=True,
         use_enum_values=False,
         validate_default=True,
+        defer_build=True,
     )

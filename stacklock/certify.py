@@ -36,6 +36,7 @@ from stacklock.engines import (
 from stacklock.errors import EngineError, StacklockError
 from stacklock.gguf_file import read_gguf
 from stacklock.hashing import HashCache
+from stacklock.header import header_from_gguf
 from stacklock.lock import Lock, SmokePin
 from stacklock.project import read_lock, read_manifest, write_lock
 from stacklock.registry import resolve_registries
@@ -327,11 +328,11 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
     base = manifest_path.parent
     try:
         manifest, _ = read_manifest(manifest_path)
-        gguf = read_gguf(_require_model(lock, base))
+        header = header_from_gguf(read_gguf(_require_model(lock, base)))
         registries = resolve_registries(
             manifest.registries, pins=lock.registries, offline=True, base_dir=base
         )
-        return load_template(manifest, gguf, base, registries).text
+        return load_template(manifest, header, base, registries).text
     except StacklockError:
         return None
 

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -28,6 +28,7 @@ from stacklock.errors import (
 from stacklock.facts import facts_from_lock
 from stacklock.findings import Allowance, Finding, RegistryPin, Severity
 from stacklock.hashing import HashCache, HashProgress
+from stacklock.header import HeaderCache, ModelHeader, header_from_gguf
 from stacklock.lock import (
     LOCK_NAME,
     LOCK_VERSION,
@@ -46,27 +47,8 @@ from stacklock.registry import LoadedRegistry, compare_pins, find_template, reso
 from stacklock.rules import evaluate, rules_for, split_allowed
 from stacklock.sources import HubSource, fetch_model, parse_model_source
 from stacklock.template import render_chat_template, template_dialect, template_features
-from stacklock.tokenizer import TokenizerFingerprint, fingerprint_tokenizer
+from stacklock.tokenizer import TokenizerFingerprint
 from stacklock.versions import parse_build_range, vendored_build
-
-if TYPE_CHECKING:
-    # The GGUF reader pulls in numpy; commands that only read a lock (check) never need it.
-    from stacklock.gguf_file import GGUFFile
-
-#: Token texts that engines treat as end of generation; the lock records which ones the vocabulary has.
-KNOWN_SPECIAL_TEXTS = (
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end_of_text|>",
-    "<|im_end|>",
-    "<|end|>",
-    "<|endoftext|>",
-    "<end_of_turn>",
-    "<start_of_turn>",
-    "<|channel|>",
-    "<|return|>",
-    "</s>",
-)
 
 
 @dataclass(frozen=True)
@@ -87,9 +69,7 @@ class Inputs:
     model_revision: str | None
     model_sha256: str
     parts: tuple[FilePin, ...]
-    gguf: GGUFFile
-    tokenizer: TokenizerFingerprint
-    special_texts: tuple[str, ...]
+    header: ModelHeader
     template: ResolvedTemplate
     installed_engine_version: str | None
     registries: tuple[LoadedRegistry, ...] = field(default=())
@@ -113,36 +93,28 @@ def load_inputs(
     model_revision: str | None = None,
 ) -> Inputs:
     """Read everything resolution needs. ``model_revision`` fetches a hub source at a pinned commit."""
-    from stacklock.gguf_file import GGUFArray, read_gguf  # noqa: PLC0415
-
     manifest, data = read_manifest(manifest_path)
     base = manifest_path.parent
     source = parse_model_source(manifest.model.source)
     if isinstance(source, HubSource) and model_revision is not None:
         source = HubSource(source.repo, model_revision, source.path)
     fetched = fetch_model(source, base, offline=offline)
-    gguf = read_gguf(fetched.path)
     hashes = cache or HashCache()
-    digests = [hashes.sha256(p, use_cache=use_cache, progress=progress) for p in gguf.parts]
+    digest = hashes.sha256(fetched.path, use_cache=use_cache, progress=progress)
+    header, part_paths = _header(fetched.path, digest, hashes, use_cache=use_cache, progress=progress)
     hashes.save()
-    if manifest.model.sha256 is not None and digests[0] != manifest.model.sha256:
+    if manifest.model.sha256 is not None and digest != manifest.model.sha256:
         raise SourceError(
-            f"model.sha256: {_rel(fetched.path, base)} has sha256 {digests[0]}, the manifest expects "
+            f"model.sha256: {_rel(fetched.path, base)} has sha256 {digest}, the manifest expects "
             f"{manifest.model.sha256}",
             hint="the file changed; get the expected file back or update model.sha256",
         )
     parts = tuple(
         FilePin(path=_rel(p, base), sha256=d, size=p.stat().st_size)
-        for p, d in zip(gguf.parts[1:], digests[1:], strict=True)
+        for p, d in zip(part_paths, header.part_sha256, strict=True)
     )
     registries = resolve_registries(
         manifest.registries, pins=registry_pins, offline=offline, refresh=refresh_registries, base_dir=base
-    )
-    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
-    special = (
-        tuple(t for t in KNOWN_SPECIAL_TEXTS if tokens.index_of_string(t) is not None)
-        if isinstance(tokens, GGUFArray)
-        else ()
     )
     return Inputs(
         manifest=manifest,
@@ -150,15 +122,35 @@ def load_inputs(
         base_dir=base,
         model_path=fetched.path,
         model_revision=fetched.revision,
-        model_sha256=digests[0],
+        model_sha256=digest,
         parts=parts,
-        gguf=gguf,
-        tokenizer=fingerprint_tokenizer(gguf),
-        special_texts=special,
-        template=load_template(manifest, gguf, base, registries),
+        header=header,
+        template=load_template(manifest, header, base, registries),
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
     )
+
+
+def _header(
+    path: Path, digest: str, hashes: HashCache, *, use_cache: bool, progress: HashProgress | None
+) -> tuple[ModelHeader, tuple[Path, ...]]:
+    """The header summary: from the cache when the file (and every split part) is unchanged, else parsed."""
+    headers = HeaderCache(hashes.path.parent)
+    cached = headers.get(digest) if use_cache else None
+    if cached is not None:
+        others = tuple(path.with_name(name) for name in cached.part_names[1:])
+        if all(p.is_file() for p in others):
+            digests = tuple(hashes.sha256(p, progress=progress) for p in others)
+            if digests == cached.part_sha256:
+                return cached, others
+    from stacklock.gguf_file import read_gguf  # noqa: PLC0415 - numpy is only needed on a cache miss.
+
+    gguf = read_gguf(path)
+    others = gguf.parts[1:]
+    digests = tuple(hashes.sha256(p, use_cache=use_cache, progress=progress) for p in others)
+    header = header_from_gguf(gguf).model_copy(update={"part_sha256": digests})
+    headers.put(digest, header)
+    return header, others
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -169,19 +161,19 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def load_template(
-    manifest: Manifest, gguf: GGUFFile, base: Path, registries: Sequence[LoadedRegistry]
+    manifest: Manifest, header: ModelHeader, base: Path, registries: Sequence[LoadedRegistry]
 ) -> ResolvedTemplate:
     source = manifest.template.source
     model_name = Path(manifest.model.source).name
     if source == "none":
         return ResolvedTemplate(None, "none", None)
     if source == "gguf":
-        return ResolvedTemplate(gguf.chat_template, f"{model_name}: tokenizer.chat_template", None)
+        return ResolvedTemplate(header.chat_template, f"{model_name}: tokenizer.chat_template", None)
     kind, _, name = source.partition(":")
     if kind == "gguf":
-        text = gguf.named_chat_templates.get(name)
+        text = header.named_chat_templates.get(name)
         if text is None:
-            known = ", ".join(sorted(gguf.named_chat_templates)) or "none"
+            known = ", ".join(sorted(header.named_chat_templates)) or "none"
             raise TemplateError(
                 f"template.source: the model has no template named '{name}'",
                 hint=f"named templates in the file: {known}",
@@ -208,16 +200,16 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     previous lock's allowances: kept while their rule still fires, dropped silently once it no longer does.
     """
     manifest = inputs.manifest
-    gguf = inputs.gguf
+    header = inputs.header
     engine = _engine_pin(manifest, inputs.installed_engine_version)
     template = _template_pin(manifest, inputs.template)
-    sampler = effective_sampler(engine.name, gguf.metadata, manifest.sampler)
+    sampler = effective_sampler(engine.name, header.metadata, manifest.sampler)
     unrendered = tuple(_smoke_pin(s, sampler.max_tokens) for s in manifest.smoke)
     # Rules are evaluated even when a smoke prompt does not render: the rule that explains why (no template,
     # a template that rejects the system role) is a better message than the template's own error.
     render_error: TemplateError | None = None
     try:
-        smoke = tuple(_rendered(pin, template, inputs.tokenizer) for pin in unrendered)
+        smoke = tuple(_rendered(pin, template, inputs.header.tokenizer) for pin in unrendered)
     except TemplateError as exc:
         render_error, smoke = exc, unrendered
     lock = Lock(
@@ -227,7 +219,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         stack=manifest.stack,
         model=_model_pin(inputs),
         template=template,
-        tokenizer=inputs.tokenizer,
+        tokenizer=inputs.header.tokenizer,
         engine=engine,
         backend=effective_backend(engine.name, manifest.backend),
         sampler=sampler,
@@ -246,19 +238,9 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
 
 
 def _model_pin(inputs: Inputs) -> ModelPin:
-    from stacklock.gguf_file import GGUFArray, value_type_name  # noqa: PLC0415
-
-    gguf = inputs.gguf
-    scalars: dict[str, str | int | float | bool] = {}
-    arrays: dict[str, str] = {}
-    for key in sorted(gguf.metadata):
-        value = gguf.metadata[key]
-        if key.startswith("tokenizer.chat_template"):
-            continue
-        if isinstance(value, GGUFArray):
-            arrays[key] = f"{value_type_name(value.item_type)}[{value.count}]"
-        else:
-            scalars[key] = value
+    header = inputs.header
+    # Chat templates are pinned under [template]; the model pin keeps only their digest.
+    scalars = {k: v for k, v in header.metadata.items() if not k.startswith("tokenizer.chat_template")}
     return ModelPin(
         source=inputs.manifest.model.source,
         path=model_location(inputs),
@@ -266,17 +248,17 @@ def _model_pin(inputs: Inputs) -> ModelPin:
         sha256=inputs.model_sha256,
         size=inputs.model_path.stat().st_size,
         parts=inputs.parts,
-        gguf_version=gguf.version,
-        architecture=gguf.architecture,
-        name=gguf.name,
-        parameter_count=gguf.parameter_count,
-        quantization=gguf.quantization,
-        tensor_types=dict(sorted(gguf.tensor_type_counts.items())),
-        context_length=gguf.context_length,
-        chat_template_sha256=_sha256_text(gguf.chat_template),
-        special_texts=inputs.special_texts,
+        gguf_version=header.version,
+        architecture=header.architecture,
+        name=header.name,
+        parameter_count=header.parameter_count,
+        quantization=header.quantization,
+        tensor_types=header.tensor_type_counts,
+        context_length=header.context_length,
+        chat_template_sha256=_sha256_text(header.chat_template),
+        special_texts=header.special_texts,
         metadata=scalars,
-        arrays=arrays,
+        arrays=header.arrays,
     )
 
 

@@ -285,3 +285,40 @@ def test_usage_errors(tiny_project: Path, cli: Cli, args: list[str]) -> None:
     result = cli(*args, cwd=tiny_project)
     assert result.code == 2
     assert result.err.startswith("error: --allow")
+
+
+def test_relock_reads_the_header_from_the_cache_and_no_cache_rereads_it(tmp_path: Path, cli: Cli) -> None:
+    project = _project(tmp_path)
+    assert cli("lock", cwd=project).code == 0
+    locked = parse_lock((project / "llmstack.lock").read_text())
+    entry = Path(os.environ["STACKLOCK_CACHE_DIR"]) / "headers" / f"{locked.model.sha256}.json"
+    data = json.loads(entry.read_text())
+    assert data["name"] == "tiny"
+    # Tamper with the cached summary: a warm re-lock must use it (no parse), --no-cache must not.
+    entry.write_text(json.dumps({**data, "name": "from-the-cache"}))
+    assert cli("lock", cwd=project).code == 0
+    assert parse_lock((project / "llmstack.lock").read_text()).model.name == "from-the-cache"
+    assert cli("lock", "--no-cache", cwd=project).code == 0
+    assert parse_lock((project / "llmstack.lock").read_text()).model.name == "tiny"
+
+
+def test_split_model_pins_every_part(tmp_path: Path, cli: Cli) -> None:
+    build_tiny_gguf(tmp_path / "tiny.gguf", chat_template=CHATML, split_max_tensors=8)
+    parts = sorted(p.name for p in tmp_path.glob("*.gguf"))
+    assert len(parts) >= 2
+    manifest = PINNED_MANIFEST.replace('source = "tiny.gguf"', f'source = "{parts[0]}"')
+    (tmp_path / "llmstack.toml").write_text(manifest)
+    assert cli("lock", cwd=tmp_path).code == 0
+    first = (tmp_path / "llmstack.lock").read_text()
+    lock = parse_lock(first)
+    assert [p.path for p in lock.model.parts] == parts[1:]
+    assert all(p.sha256 == hashlib.sha256((tmp_path / p.path).read_bytes()).hexdigest() for p in lock.model.parts)
+    assert cli("lock", cwd=tmp_path).code == 0  # The warm cache gives the same pins.
+    assert (tmp_path / "llmstack.lock").read_text() == first
+    last = tmp_path / parts[-1]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF
+    last.write_bytes(bytes(data))
+    result = cli("lock", "--check", cwd=tmp_path)
+    assert result.code == 1
+    assert f"model.parts[{len(parts) - 2}].sha256" in result.err
