@@ -312,7 +312,9 @@ def test_split_model_pins_every_part(tmp_path: Path, cli: Cli) -> None:
     first = (tmp_path / "llmstack.lock").read_text()
     lock = parse_lock(first)
     assert [p.path for p in lock.model.parts] == parts[1:]
-    assert all(p.sha256 == hashlib.sha256((tmp_path / p.path).read_bytes()).hexdigest() for p in lock.model.parts)
+    assert all(
+        p.sha256 == hashlib.sha256((tmp_path / p.path).read_bytes()).hexdigest() for p in lock.model.parts
+    )
     assert cli("lock", cwd=tmp_path).code == 0  # The warm cache gives the same pins.
     assert (tmp_path / "llmstack.lock").read_text() == first
     last = tmp_path / parts[-1]
