@@ -170,12 +170,17 @@ def record(
 ) -> None:
     """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
     from stacklock.certify import record as record_goldens  # noqa: PLC0415
+    from stacklock.verify import expectation_failure  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
     recorded = record_goldens(lock_path, top_k=top_k)
     for pin in recorded.smoke:
         assert pin.golden is not None
         _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
+        failure = expectation_failure(pin.expect, pin.golden.text)
+        if failure is not None:
+            # The golden is what the stack does; an expectation it misses will fail every verify.
+            _note(f"warning: smoke '{pin.name}': {failure}; fix the prompt or the expectation and re-record")
     _note(f"wrote goldens to {lock_path}; commit it, then run `stacklock verify` in CI")
 
 

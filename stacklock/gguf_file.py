@@ -341,12 +341,9 @@ class GGUFFile:
 
     @property
     def named_chat_templates(self) -> dict[str, str]:
-        prefix = "tokenizer.chat_template."
-        return {
-            key.removeprefix(prefix): value
-            for key, value in sorted(self.metadata.items())
-            if key.startswith(prefix) and isinstance(value, str)
-        }
+        from stacklock.header import named_chat_templates  # noqa: PLC0415 - The header module imports this one.
+
+        return named_chat_templates(self.metadata)
 
     def _str(self, key: str) -> str | None:
         value = self.metadata.get(key)

@@ -9,6 +9,7 @@ miss.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,12 +69,17 @@ class ModelHeader(Model):
 
     @property
     def named_chat_templates(self) -> dict[str, str]:
-        prefix = "tokenizer.chat_template."
-        return {
-            key.removeprefix(prefix): value
-            for key, value in sorted(self.metadata.items())
-            if key.startswith(prefix) and isinstance(value, str)
-        }
+        return named_chat_templates(self.metadata)
+
+
+def named_chat_templates(metadata: Mapping[str, object]) -> dict[str, str]:
+    """The named templates of a GGUF (``tokenizer.chat_template.<name>``), by name."""
+    prefix = "tokenizer.chat_template."
+    return {
+        key.removeprefix(prefix): value
+        for key, value in sorted(metadata.items())
+        if key.startswith(prefix) and isinstance(value, str)
+    }
 
 
 def header_from_gguf(gguf: GGUFFile) -> ModelHeader:

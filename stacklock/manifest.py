@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from stacklock._model import Model
 from stacklock.errors import ManifestError
@@ -28,18 +28,21 @@ _BUILD_CLAUSE = re.compile(r"^\s*(==|!=|<=|>=|<|>)\s*b(\d+)\s*$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
-class Stack(Model):
-    name: str = Field(description="A short name for the stack: lowercase letters, digits, '.', '_' and '-'.")
-    description: str = Field(default="", description="What the stack is for.")
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            "must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
-        return value
+
+#: A name users type and directories carry: stacks, smoke prompts, registry stack entries.
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class Stack(Model):
+    name: Name = Field(description="A short name for the stack: lowercase letters, digits, '.', '_' and '-'.")
+    description: str = Field(default="", description="What the stack is for.")
 
 
 class ModelSpec(Model):
@@ -186,7 +189,7 @@ class Expectation(Model):
 class Smoke(Model):
     """One smoke prompt: a chat conversation rendered by the template, or a raw prompt."""
 
-    name: str = Field(description="A unique name, used in reports and goldens.")
+    name: Name = Field(description="A unique name, used in reports and goldens.")
     messages: tuple[Message, ...] | None = Field(default=None, description="A chat conversation.")
     system: str | None = Field(default=None, description="A system prompt put before the messages.")
     add_generation_prompt: bool = Field(default=True, description="End the render with the assistant header.")
@@ -195,13 +198,6 @@ class Smoke(Model):
         default=None, ge=1, description="Maximum new tokens (default: the sampler's)."
     )
     expect: Expectation | None = Field(default=None, description="What the output must satisfy.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("must be lowercase letters, digits, '.', '_' or '-'")
-        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> Smoke:

@@ -50,6 +50,7 @@ from stacklock.atomic import write_text_atomic
 from stacklock.errors import NetworkError, RegistryError
 from stacklock.findings import Finding, RegistryPin, RegistrySource, Severity
 from stacklock.hashing import default_cache_dir
+from stacklock.manifest import Name
 from stacklock.rules import (
     Facts,
     Rule,
@@ -70,7 +71,6 @@ MAX_EXTRACTED_BYTES: Final = 256 << 20
 GIT_TIMEOUT_S: Final = 120
 HTTP_TIMEOUT_S: Final = 30
 _LOOPBACK: Final = frozenset({"127.0.0.1", "localhost", "::1"})
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -127,19 +127,10 @@ class TemplateEntry(Model):
 class StackMeta(Model):
     """``stacks/<name>/stack.toml``: what a shared known-good stack is."""
 
-    name: str = Field(description="The stack's name; equals its directory name. Used by 'init --from NAME'.")
+    name: Name = Field(description="The stack's name; equals its directory name. Used by 'init --from NAME'.")
     title: str = Field(min_length=1, description="One line: model, engine and purpose.")
     description: str = Field(default="", description="What the stack is for, and what was verified.")
     tags: tuple[str, ...] = Field(default=(), description="Search words, e.g. 'gemma3', 'cpu'.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
-        return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ __all__ = [
     "compare_smoke",
     "compare_tokens",
     "engine_differences",
+    "expectation_failure",
     "first_difference",
     "golden_from_observation",
     "is_certified",
@@ -531,7 +532,7 @@ def _max_drift(recorded: Sequence[Sequence[tuple[int, float]]], observed: Genera
     return drift
 
 
-def _expectation_failure(expectation: Expectation | None, text: str) -> str | None:
+def expectation_failure(expectation: Expectation | None, text: str) -> str | None:
     if expectation is None:
         return None
     if expectation.equals is not None and text != expectation.equals:
@@ -555,7 +556,7 @@ def compare_output(
 
     After a tolerated divergence the text is expected to differ, so only the expectations can fail it.
     """
-    unmet = _expectation_failure(expectation, observed_text)
+    unmet = expectation_failure(expectation, observed_text)
     if observed_text == golden.text and observed_stop_reason == golden.stop_reason:
         if unmet is not None:
             return StageResult(

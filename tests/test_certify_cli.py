@@ -485,3 +485,20 @@ def test_record_and_verify_keep_the_engines_log_off_the_terminal(tmp_path: Path)
     assert verify.returncode == 0, verify.stderr
     assert verify.stderr == ""
     assert "n_ctx_train" not in verify.stdout + record.stderr
+
+
+def test_record_warns_when_an_expectation_misses_the_recorded_output(tiny_project: Path, cli: Cli) -> None:
+    pytest.importorskip("llama_cpp")
+    manifest = (
+        '[stack]\nname = "t"\n[model]\nsource = "tiny.gguf"\n[sampler]\ntemperature = 0.0\nseed = 0\n'
+        '[[smoke]]\nname = "raw"\nprompt = "Once upon a time"\nmax-tokens = 4\n'
+        'expect = { contains = "a phrase random weights never write" }\n'
+    )
+    (tiny_project / "llmstack.toml").write_text(manifest)
+    assert cli("lock", cwd=tiny_project).code == 0
+    result = cli("record", cwd=tiny_project)
+    assert result.code == 0
+    assert (
+        "warning: smoke 'raw': the output does not contain 'a phrase random weights never write'; "
+        "fix the prompt or the expectation and re-record\n"
+    ) in result.err
