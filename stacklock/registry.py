@@ -48,19 +48,16 @@ from pydantic import Field, field_validator
 from stacklock._model import Model
 from stacklock.atomic import write_text_atomic
 from stacklock.errors import NetworkError, RegistryError
-from stacklock.findings import Finding, RegistryPin, RegistrySource, Severity
+from stacklock.findings import RegistryPin, RegistrySource, Severity
 from stacklock.hashing import default_cache_dir
 from stacklock.manifest import Name
 from stacklock.rules import (
-    Facts,
     Rule,
-    evaluate,
-    finding_sort_key,
     parse_rule,
     predicate_json_schema_defs,
 )
 from stacklock.tomlio import parse_toml, validate
-from stacklock.versions import EngineTable, EngineTables, engine_build, parse_engine_table
+from stacklock.versions import EngineTable, EngineTables, parse_engine_table
 
 #: The registry format this stacklock reads; ``registry.toml`` says which one a registry is written in.
 FORMAT_VERSION: Final = 1
@@ -410,16 +407,6 @@ def bundled_templates_for(architecture: str) -> tuple[str, ...]:
     return tuple(t.id for t in load_bundled_registry().templates if architecture in t.architectures)
 
 
-def load_rules(directory: Path, *, origin: str | None = None) -> tuple[Rule, ...]:
-    """Read every ``*.toml`` rule in a directory (a registry's ``rules/``), sorted by id."""
-    prefix = origin or str(directory)
-    rules = [
-        parse_rule(path.read_text(encoding="utf-8"), f"{prefix}/{path.name}")
-        for path in sorted(directory.glob("*.toml"))
-    ]
-    return tuple(sorted(rules, key=lambda r: r.id))
-
-
 # -- Sources: local directory, git, archive URL --------------------------------------------------------------
 
 SourceKind = Literal["directory", "git", "archive"]
@@ -762,25 +749,6 @@ def compare_pins(locked: Sequence[RegistryPin], registries: Sequence[LoadedRegis
     return tuple(changes)
 
 
-def evaluate_registries(registries: Iterable[LoadedRegistry], facts: Facts) -> tuple[Finding, ...]:
-    """Evaluate every registry's rules; findings name the registry, sorted by severity, then id."""
-    found: list[Finding] = []
-    for registry in registries:
-        found.extend(evaluate(registry.rules, facts, registry=registry.name))
-    found.sort(key=finding_sort_key)
-    return tuple(found)
-
-
-def registry_vendored_build(
-    registries: Iterable[LoadedRegistry], engine_name: str, version: str
-) -> int | None:
-    """The vendored llama.cpp build from the first registry whose tables know the engine."""
-    for registry in registries:
-        if engine_name in registry.engines.tables or engine_name in ("llama.cpp", "llama-server"):
-            return engine_build(engine_name, version, registry.engines)
-    return None
-
-
 # -- list / show / search ------------------------------------------------------------------------------------
 
 EntryKind = Literal["rule", "template", "stack"]
@@ -1060,7 +1028,6 @@ __all__ = [
     "TemplateEntry",
     "bundled_registry_path",
     "compare_pins",
-    "evaluate_registries",
     "export_stack_entry",
     "extract_archive",
     "fetch_archive",
@@ -1071,12 +1038,10 @@ __all__ = [
     "list_entries",
     "load_bundled_registry",
     "load_registry_source",
-    "load_rules",
     "parse_registry",
     "read_registry",
     "read_registry_files",
     "registry_digest",
-    "registry_vendored_build",
     "resolve_registries",
     "search_entries",
     "show_entry",

@@ -30,7 +30,6 @@ from stacklock.findings import Allowance, Finding, RegistryPin, Severity
 from stacklock.hashing import HashCache, HashProgress
 from stacklock.header import HeaderCache, ModelHeader, header_from_gguf
 from stacklock.lock import (
-    LOCK_NAME,
     LOCK_VERSION,
     EnginePin,
     FilePin,
@@ -42,7 +41,7 @@ from stacklock.lock import (
     manifest_hash,
 )
 from stacklock.manifest import BUILD_NUMBERED_ENGINES, Manifest, Message, Smoke
-from stacklock.project import read_lock, read_manifest, write_lock
+from stacklock.project import read_lock, read_manifest
 from stacklock.registry import LoadedRegistry, compare_pins, find_template, resolve_registries
 from stacklock.rules import evaluate, rules_for, split_allowed
 from stacklock.sources import HubSource, fetch_model, parse_model_source
@@ -483,16 +482,12 @@ def _short(value: Any) -> str:
 
 
 __all__ = [
-    "LOCK_NAME",
     "Inputs",
     "Resolution",
     "check_lock",
-    "facts_from_lock",
     "load_inputs",
     "lock_stack",
     "merge_goldens",
-    "read_lock",
     "render_smoke",
     "resolve",
-    "write_lock",
 ]

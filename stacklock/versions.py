@@ -47,10 +47,6 @@ def parse_build(text: str) -> int:
     return int(match[1])
 
 
-def format_build(build: int) -> str:
-    return f"b{build}"
-
-
 @dataclass(frozen=True, slots=True)
 class BuildRange:
     """A conjunction of clauses over llama.cpp build numbers, e.g. ``>=b3259,<b3266``."""
@@ -229,7 +225,6 @@ __all__ = [
     "EngineTable",
     "EngineTables",
     "engine_build",
-    "format_build",
     "parse_build",
     "parse_build_range",
     "parse_engine_table",

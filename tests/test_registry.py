@@ -18,7 +18,6 @@ from stacklock.errors import NetworkError, RegistryError
 from stacklock.findings import RegistryPin, RegistrySource
 from stacklock.registry import (
     compare_pins,
-    evaluate_registries,
     export_stack_entry,
     find_stack,
     find_template,
@@ -31,6 +30,7 @@ from stacklock.registry import (
     search_entries,
     show_entry,
 )
+from stacklock.rules import evaluate, rules_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -142,7 +142,7 @@ def test_local_directory_registry(tmp_path: Path) -> None:
     loaded = resolve_registries([RegistrySource(name="local", url="reg")], base_dir=tmp_path)
     assert [r.name for r in loaded] == ["bundled", "local"]
     assert loaded[1].revision is None
-    findings = evaluate_registries(loaded, {"engine.name": "vllm", "engine.version": "0.8.2"})
+    findings = evaluate(rules_for(loaded), {"engine.name": "vllm", "engine.version": "0.8.2"})
     assert ("community-one", "local") in {(f.rule, f.registry) for f in findings}
     before = loaded[1].digest
     (tmp_path / "reg" / "rules" / "community-one.toml").write_text(
