@@ -9,7 +9,6 @@ becomes a clear exit-3 error instead of killing stacklock.
 from __future__ import annotations
 
 import faulthandler
-import hashlib
 import json
 import multiprocessing
 import os
@@ -415,7 +414,7 @@ def certificate(lock_text: str, lock: Lock, report: VerifyReport) -> dict[str, A
         "stack": lock.stack.name,
         "reproduced": report.reproduced,
         "tolerated": report.tolerated,
-        "lock-sha256": hashlib.sha256(lock_text.encode("utf-8")).hexdigest(),
+        "lock-sha256": sha256_text(lock_text),
         "model-sha256": lock.model.sha256,
         "template-sha256": lock.template.sha256,
         "tokenizer-sha256": lock.tokenizer.sha256,

@@ -73,6 +73,11 @@ class TerminalProgress:
             self._stream.flush()
 
 
+def sha256_text(text: str) -> str:
+    """sha256 of a text's UTF-8 bytes, lowercase hex: templates, rendered prompts, locks."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def sha256_file(path: Path, progress: HashProgress | None = None) -> str:
     """The sha256 of a file, read in 1 MiB chunks into one reused buffer."""
     reporter = progress or NoProgress()

@@ -7,7 +7,6 @@ registries). ``resolve`` is pure: it turns those inputs into a :class:`Lock` and
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from stacklock.errors import (
 )
 from stacklock.facts import facts_from_lock
 from stacklock.findings import Allowance, Finding, RegistryPin, Severity
-from stacklock.hashing import HashCache, HashProgress
+from stacklock.hashing import HashCache, HashProgress, sha256_text
 from stacklock.header import HeaderCache, ModelHeader, header_from_gguf
 from stacklock.lock import (
     LOCK_VERSION,
@@ -270,7 +269,7 @@ def model_location(inputs: Inputs) -> str:
 
 
 def _sha256_text(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return None if text is None else sha256_text(text)
 
 
 def _engine_pin(manifest: Manifest, installed: str | None) -> EnginePin:
@@ -393,7 +392,7 @@ def _smoke_pin(smoke: Smoke, default_max_tokens: int) -> SmokePin:
 
 def _rendered(pin: SmokePin, template: TemplatePin, tokenizer: TokenizerFingerprint) -> SmokePin:
     rendered = render_smoke(pin, template, tokenizer)
-    digest = hashlib.sha256(rendered.encode("utf-8")).hexdigest()
+    digest = sha256_text(rendered)
     add_bos = effective_add_bos(pin, rendered, tokenizer)
     return pin.model_copy(update={"rendered": rendered, "rendered_sha256": digest, "add_bos": add_bos})
 

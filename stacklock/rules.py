@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Final, Protocol
@@ -52,6 +51,7 @@ from pydantic import (
 from stacklock._model import Model
 from stacklock.errors import RegistryError
 from stacklock.findings import Allowance, Finding, Link, Severity
+from stacklock.hashing import sha256_text
 from stacklock.tomlio import describe_validation_error, parse_toml
 from stacklock.versions import parse_build, parse_build_range, parse_version
 
@@ -223,9 +223,8 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-@functools.lru_cache(maxsize=64)
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+# Rules compare the same template text many times; its digest is computed once.
+_sha256_text = functools.lru_cache(maxsize=64)(sha256_text)
 
 
 def _scalar(value: object, path: str, operator: str) -> Scalar:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from stacklock.atomic import write_text_atomic
 from stacklock.errors import RegistryError, UsageError
 from stacklock.findings import RegistrySource
+from stacklock.hashing import sha256_text
 from stacklock.lock import LOCK_NAME, parse_lock
 from stacklock.manifest import MANIFEST_NAME, parse_manifest
 from stacklock.registry import (
@@ -41,7 +41,7 @@ def validate_stack(
             f"{lock_origin}: no goldens recorded",
             hint="run `stacklock record`, then `stacklock verify --certificate FILE`",
         )
-    digest = hashlib.sha256(lock_text.encode("utf-8")).hexdigest()
+    digest = sha256_text(lock_text)
     if certificate.get("lock-sha256") != digest:
         raise RegistryError(
             f"{certificate_origin}: certifies another lock than {lock_origin} (lock-sha256 differs)",

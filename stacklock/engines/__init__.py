@@ -23,6 +23,7 @@ from pydantic import Field
 
 from stacklock._model import Model
 from stacklock.errors import EngineError
+from stacklock.hashing import sha256_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -217,11 +218,6 @@ class Engine(Protocol):
     def identity(self) -> EngineIdentity: ...
 
     def load(self, model_path: Path, backend: BackendSettings) -> LoadedModel: ...
-
-
-def sha256_text(text: str) -> str:
-    """The digest of a rendered prompt: sha256 of its UTF-8 bytes, lowercase hex."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def sha256_tokens(tokens: Sequence[int]) -> str:
