@@ -20,8 +20,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from stacklock.effective import EffectiveBackend, EffectiveSampler
 from stacklock.engines.llama_cpp import LlamaCppEngine
+from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 
 PROMPTS = (
     "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n",

@@ -18,9 +18,9 @@ import gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stacklock.gguf_file import read_gguf
-from stacklock.hashing import sha256_file
-from stacklock.tokenizer import fingerprint_tokenizer
+from stacklock.files.digest import sha256_file
+from stacklock.gguf.reader import read_gguf
+from stacklock.gguf.tokenizer import fingerprint_tokenizer
 from tests.gguf_builder import gemma_model_path
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
-from stacklock.registry import load_bundled_registry
-from stacklock.rules import Rule, evaluate
+from stacklock.registry.files import load_bundled_registry
+from stacklock.rules.predicates import Rule, evaluate
 
 TARGET_S = 0.2
 COUNT = 10_000

@@ -1,3 +1,3 @@
-from stacklock.cli import main
+from stacklock.cli.app import main
 
 main()

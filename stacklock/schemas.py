@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stacklock.atomic import write_text_atomic
+from stacklock.files.atomic import write_text_atomic
 
 
 def _schema(model: type[BaseModel], title: str) -> dict[str, Any]:
@@ -23,9 +23,9 @@ def _schema(model: type[BaseModel], title: str) -> dict[str, Any]:
 
 def json_schemas() -> dict[str, dict[str, Any]]:
     """Every schema stacklock publishes, by file name."""
-    from stacklock.lock import Lock  # noqa: PLC0415
-    from stacklock.manifest import Manifest  # noqa: PLC0415
-    from stacklock.registry import json_schemas as registry_schemas  # noqa: PLC0415
+    from stacklock.model.lock import Lock  # noqa: PLC0415
+    from stacklock.model.manifest import Manifest  # noqa: PLC0415
+    from stacklock.registry.files import json_schemas as registry_schemas  # noqa: PLC0415
 
     schemas = {
         "llmstack.schema.json": _schema(Manifest, "llmstack.toml"),

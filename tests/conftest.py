@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.cli import main
+from stacklock.cli.app import main
 from tests.gguf_builder import build_tiny_gguf
 
 CHATML = (

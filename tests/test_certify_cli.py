@@ -19,8 +19,8 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from stacklock.lock import Lock, parse_lock, render_lock
-from stacklock.verify import STAGES
+from stacklock.model.lock import Lock, parse_lock, render_lock
+from stacklock.verify.compare import STAGES
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from stacklock.check import ENGINE_MISMATCH
-from stacklock.engines import installed_engine_version
-from stacklock.lock import parse_lock, render_lock
-from stacklock.registry import load_bundled_registry
+from stacklock.engines.machine import installed_engine_version
+from stacklock.model.lock import parse_lock, render_lock
+from stacklock.registry.files import load_bundled_registry
+from stacklock.rules.check import ENGINE_MISMATCH
 from tests.conftest import Result
 from tests.gguf_builder import build_tiny_gguf, gemma_model_path
 

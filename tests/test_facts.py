@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from stacklock.engines import installed_engine_version
-from stacklock.facts import facts_from_lock
-from stacklock.lock import Lock, parse_lock, render_lock
-from stacklock.registry import load_bundled_registry
-from stacklock.resolve import load_inputs, resolve
-from stacklock.rules import KNOWN_FACTS, OPEN_FACT_PREFIXES
+from stacklock.engines.machine import installed_engine_version
+from stacklock.lock.load import load_inputs
+from stacklock.lock.resolve import resolve
+from stacklock.model.lock import Lock, parse_lock, render_lock
+from stacklock.registry.files import load_bundled_registry
+from stacklock.rules.facts import facts_from_lock
+from stacklock.rules.predicates import KNOWN_FACTS, OPEN_FACT_PREFIXES
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.lock import parse_lock
+from stacklock.model.lock import parse_lock
 from tests.conftest import Result
 from tests.gguf_builder import gemma_model_path
 

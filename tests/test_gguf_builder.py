@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import gguf
 import pytest
 
-from stacklock.gguf_file import read_gguf
+from stacklock.gguf.reader import read_gguf
 from tests.gguf_builder import CONTROL_TOKENS, bpe_vocab, build_tiny_gguf, spm_vocab
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stacklock.errors import GGUFError
-from stacklock.gguf_file import GGUFArray, read_gguf
+from stacklock.gguf.reader import GGUFArray, read_gguf
 from tests.gguf_builder import RawGGUF, TypedValue, build_tiny_gguf, gemma_model_path, spm_vocab
 
 if TYPE_CHECKING:

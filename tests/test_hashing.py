@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.atomic import write_bytes_atomic, write_text_atomic
-from stacklock.hashing import HashCache, TerminalProgress, sha256_file
+from stacklock.files.atomic import write_bytes_atomic, write_text_atomic
+from stacklock.files.digest import HashCache, TerminalProgress, sha256_file
 
 
 class CountingProgress:

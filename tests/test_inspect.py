@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.gguf_file import read_gguf
-from stacklock.inspect import NO_TEMPLATE, inspect_gguf, render_inspection
+from stacklock.cli.inspect import NO_TEMPLATE, inspect_gguf, render_inspection
+from stacklock.gguf.reader import read_gguf
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import RawGGUF, build_tiny_gguf
 

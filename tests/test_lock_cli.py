@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.lock import parse_lock, render_lock
+from stacklock.model.lock import parse_lock, render_lock
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
 

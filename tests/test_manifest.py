@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from stacklock.errors import ExitCode, ManifestError
-from stacklock.manifest import BackendKind, parse_manifest
+from stacklock.model.manifest import BackendKind, parse_manifest
 
 DATA = Path(__file__).parent / "data" / "manifests"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "gemma3-270m" / "llmstack.toml"

@@ -15,22 +15,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from stacklock.errors import NetworkError, RegistryError
-from stacklock.findings import RegistryPin, RegistrySource
-from stacklock.registry import (
-    compare_pins,
-    export_stack_entry,
-    find_stack,
-    find_template,
-    json_schemas,
-    list_entries,
-    load_bundled_registry,
-    read_registry,
-    registry_digest,
-    resolve_registries,
-    search_entries,
-    show_entry,
-)
-from stacklock.rules import evaluate, rules_for
+from stacklock.model.findings import RegistryPin, RegistrySource
+from stacklock.registry.export import export_stack_entry
+from stacklock.registry.fetch import compare_pins, resolve_registries
+from stacklock.registry.files import json_schemas, load_bundled_registry, read_registry, registry_digest
+from stacklock.registry.query import find_stack, find_template, list_entries, search_entries, show_entry
+from stacklock.rules.predicates import evaluate, rules_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -7,9 +7,9 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from stacklock.engines import EngineIdentity
-from stacklock.report import render, render_json, render_junit, render_text
-from stacklock.verify import (
+from stacklock.engines.base import EngineIdentity
+from stacklock.report.verify import render, render_json, render_junit, render_text
+from stacklock.verify.compare import (
     Candidate,
     StageResult,
     Tolerance,

@@ -5,8 +5,8 @@ import hashlib
 import pytest
 
 from stacklock.errors import RegistryError
-from stacklock.findings import Allowance, Severity
-from stacklock.rules import Rule, compile_predicate, evaluate, parse_rule, split_allowed, triage
+from stacklock.model.findings import Allowance, Severity
+from stacklock.rules.predicates import Rule, compile_predicate, evaluate, parse_rule, split_allowed, triage
 
 HEAD = """id = "x"
 title = "t"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
-from stacklock.findings import Allowance, Finding, Link, Severity
-from stacklock.sarif import reference_url, render_sarif
+from stacklock.model.findings import Allowance, Finding, Link, Severity
+from stacklock.report.sarif import reference_url, render_sarif
 
 
 def finding(rule: str, severity: Severity, refs: tuple[str, ...] = ("ggml-org/llama.cpp#8197",)) -> Finding:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.registry import bundled_registry_path, load_bundled_registry
-from stacklock.rules import Rule, evaluate
+from stacklock.registry.files import bundled_registry_path, load_bundled_registry
+from stacklock.rules.predicates import Rule, evaluate
 
 CASES = Path(__file__).parent / "data" / "rules"
 REGISTRY = load_bundled_registry()

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from stacklock.engines import installed_engine_version
-from stacklock.lock import parse_lock, render_lock
-from stacklock.registry import bundled_registry_path, load_bundled_registry, read_registry
+from stacklock.engines.machine import installed_engine_version
+from stacklock.model.lock import parse_lock, render_lock
+from stacklock.registry.files import bundled_registry_path, load_bundled_registry, read_registry
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
 

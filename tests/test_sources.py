@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import pytest
 
 from stacklock.errors import ExitCode, NetworkError, SourceError
-from stacklock.sources import (
+from stacklock.sources.model import (
     FetchedModel,
     HubSource,
     LocalSource,

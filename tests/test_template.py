@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stacklock.errors import TemplateError
-from stacklock.template import (
+from stacklock.template.sandbox import (
     FEATURES,
     RenderLimits,
     compile_check,

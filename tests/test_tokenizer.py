@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from stacklock.errors import GGUFError
-from stacklock.gguf_file import read_gguf
-from stacklock.tokenizer import TokenizerFingerprint, fingerprint_tokenizer
+from stacklock.gguf.reader import read_gguf
+from stacklock.gguf.tokenizer import TokenizerFingerprint, fingerprint_tokenizer
 from tests.gguf_builder import TypedValue, bpe_vocab, build_tiny_gguf, gemma_model_path, spm_vocab
 
 if TYPE_CHECKING:

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from stacklock.engines import (
-    EngineIdentity,
-    Generation,
-    Observation,
-    StepLogprobs,
-    sha256_text,
-    sha256_tokens,
-)
-from stacklock.lock import SmokeGolden
-from stacklock.manifest import Expectation
-from stacklock.verify import (
+from stacklock.engines.base import EngineIdentity, Generation, Observation, StepLogprobs, sha256_tokens
+from stacklock.files.digest import sha256_text
+from stacklock.model.lock import SmokeGolden
+from stacklock.model.manifest import Expectation
+from stacklock.verify.compare import (
     MAX_STORED_PROMPT_TOKENS,
     StageResult,
     Tolerance,

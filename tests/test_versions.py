@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from stacklock.errors import RegistryError
-from stacklock.versions import (
+from stacklock.registry.files import load_bundled_registry
+from stacklock.rules.versions import (
     EngineTables,
     engine_build,
     parse_build,
@@ -52,7 +53,7 @@ def test_build_ranges() -> None:
     ],
 )
 def test_vendored_build_from_the_bundled_tables(engine: str, version: str, build: int | None) -> None:
-    assert vendored_build(engine, version) == build
+    assert vendored_build(engine, version, load_bundled_registry().engines) == build
 
 
 TABLE = """engine = "wrapper"

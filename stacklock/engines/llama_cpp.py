@@ -20,15 +20,15 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, cast
 
-from stacklock.engines import (
+from stacklock.engines.base import (
     BackendSettings,
     EngineIdentity,
     Generation,
     SamplerSettings,
     StepLogprobs,
     StopReason,
-    read_cpu_name,
 )
+from stacklock.engines.machine import read_cpu_name
 from stacklock.errors import EngineError, InputError
 
 if TYPE_CHECKING:

@@ -11,11 +11,13 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the 'llama' extra (llama-cp
 
 import numpy as np  # noqa: E402 - after the skip: numpy comes with the engine.
 
-from stacklock.effective import EffectiveBackend, EffectiveSampler  # noqa: E402
-from stacklock.engines import Engine, LoadedModel, engine_names, load_engine, observe, sha256_text  # noqa: E402
+from stacklock.engines.base import Engine, LoadedModel, observe  # noqa: E402
 from stacklock.engines.llama_cpp import LlamaCppEngine, top_logprobs  # noqa: E402
+from stacklock.engines.plugins import engine_names, load_engine  # noqa: E402
 from stacklock.errors import EngineError, ExitCode, InputError  # noqa: E402
-from stacklock.verify import (  # noqa: E402
+from stacklock.files.digest import sha256_text  # noqa: E402
+from stacklock.model.effective import EffectiveBackend, EffectiveSampler  # noqa: E402
+from stacklock.verify.compare import (  # noqa: E402
     StageResult,
     build_report,
     compare_smoke,

@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
-from stacklock.engines import ENTRY_POINT_GROUP, engine_names, load_engine, sha256_text, sha256_tokens
+from stacklock.engines.base import sha256_tokens
+from stacklock.engines.plugins import ENTRY_POINT_GROUP, engine_names, load_engine
 from stacklock.errors import EngineError, ExitCode
+from stacklock.files.digest import sha256_text
 
 
 def test_built_in_engine_is_registered():

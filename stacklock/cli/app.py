@@ -1,0 +1,392 @@
+"""The command line: a thin typer layer that parses arguments, calls the library, renders and exits.
+
+User mistakes are :class:`~stacklock.errors.StacklockError`: printed as one ``error:`` line with the exit code
+from the table in :mod:`stacklock.errors`. Anything else is a bug and keeps its traceback. Heavy modules are
+imported inside the commands so that ``stacklock inspect`` starts fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from stacklock.errors import ExitCode, StacklockError, UsageError
+
+app = typer.Typer(
+    name="stacklock",
+    help="Lock and certify local LLM stacks: model file, chat template, tokenizer, engine, backend, sampler.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ManifestOption = Annotated[
+    Path, typer.Option("--manifest", "-m", help="The manifest; the lock sits beside it.", show_default=True)
+]
+DEFAULT_MANIFEST = Path("llmstack.toml")
+
+
+def _lock_path(manifest: Path) -> Path:
+    return manifest.with_name("llmstack.lock")
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+def _note(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+@app.command()
+def init(
+    gguf: Annotated[Path | None, typer.Argument(help="A GGUF model file to start from.")] = None,
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    from_stack: Annotated[
+        str | None, typer.Option("--from", help="Start from a known-good stack of the registry.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing manifest.")] = False,
+    registry: Annotated[
+        list[str] | None, typer.Option("--registry", help="Another registry to find --from stacks in.")
+    ] = None,
+) -> None:
+    """Write a starter llmstack.toml from a GGUF file (or a registry stack)."""
+    from stacklock.cli.init import starter_manifest  # noqa: PLC0415
+    from stacklock.files.atomic import write_text_atomic  # noqa: PLC0415
+
+    if manifest.exists() and not force:
+        raise UsageError(f"{manifest} already exists", hint="pass --force to overwrite it")
+    if (gguf is None) == (from_stack is None):
+        raise UsageError(
+            "give a GGUF file or --from STACK (one of them)", hint="e.g. stacklock init model.gguf"
+        )
+    if from_stack is not None:
+        from stacklock.registry.share import init_from_stack  # noqa: PLC0415
+
+        written, notes = init_from_stack(
+            from_stack, manifest.parent, registries=tuple(registry or ()), force=force
+        )
+        for note in notes:
+            _note(f"note: {note}")
+        _note(f"wrote {', '.join(str(p) for p in written)} from stack '{from_stack}'")
+        return
+    assert gguf is not None
+    text, notes = starter_manifest(gguf, manifest.parent)
+    write_text_atomic(manifest, text)
+    for note in notes:
+        _note(f"note: {note}")
+    _note(f"wrote {manifest}; next: stacklock lock")
+
+
+@app.command()
+def lock(
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only check that the lock is present and fresh.")
+    ] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Re-hash model files, ignoring the cache.")
+    ] = False,
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="Accept an error finding by rule id (with --reason).")
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why the allowed findings are accepted.")
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only cached registries and models.")
+    ] = False,
+) -> None:
+    """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
+    from stacklock.errors import LockError  # noqa: PLC0415
+    from stacklock.files.digest import TerminalProgress  # noqa: PLC0415
+    from stacklock.lock.api import lock_stack, merge_goldens  # noqa: PLC0415
+    from stacklock.lock.fresh import check_lock  # noqa: PLC0415
+    from stacklock.lock.project import read_lock, write_lock  # noqa: PLC0415
+    from stacklock.model.findings import Allowance  # noqa: PLC0415
+
+    lock_path = _lock_path(manifest)
+    if check:
+        if allow:
+            raise UsageError("--allow goes with `stacklock lock`, not with --check")
+        locked = check_lock(manifest, lock_path, offline=offline)
+        _note(f"{lock_path} is fresh ({len(locked.findings)} finding(s) recorded)")
+        return
+    if allow and not reason:
+        raise UsageError(
+            "--allow needs --reason TEXT", hint="say why the finding is acceptable; it goes in the lock"
+        )
+    previous = None
+    if lock_path.exists():
+        try:
+            previous = read_lock(lock_path)
+        except LockError as exc:
+            # The new lock replaces it either way; only its goldens and allowances cannot be carried over.
+            _note(f"note: the previous lock is unreadable ({exc.one_line()}); writing a fresh one")
+    given = tuple(Allowance(rule=r, reason=reason or "") for r in allow or ())
+    new = lock_stack(
+        manifest,
+        allow=given,
+        carried=previous.allowances if previous else (),
+        use_cache=not no_cache,
+        progress=TerminalProgress(),
+        offline=offline,
+    )
+    new = merge_goldens(new, previous)
+    changed = write_lock(lock_path, new)
+    accepted = {a.rule for a in new.allowances}
+    for finding in new.findings:
+        allowed = " (allowed)" if finding.rule in accepted else ""
+        _note(f"{finding.severity.value}: {finding.rule}: {finding.title}{allowed}")
+    kept_goldens = previous is not None and any(s.golden for s in previous.smoke)
+    if kept_goldens and not any(s.golden for s in new.smoke):
+        _note("note: the stack changed, so the recorded goldens were dropped; run `stacklock record`")
+    _note(f"{'wrote' if changed else 'unchanged:'} {lock_path}")
+
+
+@app.command()
+def inspect(
+    gguf: Annotated[Path, typer.Argument(help="A GGUF model file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print a GGUF file's metadata, chat template and tokenizer summary."""
+    from stacklock.cli.inspect import inspect_gguf, render_inspection  # noqa: PLC0415
+
+    report = inspect_gguf(gguf)
+    if as_json:
+        _echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _echo(render_inspection(report))
+
+
+@app.command()
+def record(
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=50, help="Alternatives stored per token.")] = 5,
+) -> None:
+    """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
+    from stacklock.verify.compare import expectation_failure  # noqa: PLC0415
+    from stacklock.verify.session import record as record_goldens  # noqa: PLC0415
+
+    lock_path = _lock_path(manifest)
+    recorded = record_goldens(lock_path, top_k=top_k)
+    for pin in recorded.smoke:
+        assert pin.golden is not None
+        _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
+        failure = expectation_failure(pin.expect, pin.golden.text)
+        if failure is not None:
+            # The golden is what the stack does; an expectation it misses will fail every verify.
+            _note(f"warning: smoke '{pin.name}': {failure}; fix the prompt or the expectation and re-record")
+    _note(f"wrote goldens to {lock_path}; commit it, then run `stacklock verify` in CI")
+
+
+class VerifyFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+    JUNIT = "junit"
+
+
+@app.command()
+def verify(
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    fmt: Annotated[VerifyFormat, typer.Option("--format", help="Output format.")] = VerifyFormat.TEXT,
+    certificate: Annotated[
+        Path | None, typer.Option("--certificate", help="Write a JSON certificate of the run here.")
+    ] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--tolerance",
+            min=0.0,
+            help="Accept a divergence at a near-tie: the golden token is in the top-k and within this logprob gap.",
+        ),
+    ] = None,
+) -> None:
+    """Re-run the smoke prompts and certify that the locked stack reproduces; name the stage that broke."""
+    from stacklock.files.atomic import write_text_atomic  # noqa: PLC0415
+    from stacklock.report.verify import render  # noqa: PLC0415
+    from stacklock.verify.certificate import certificate as make_certificate  # noqa: PLC0415
+    from stacklock.verify.certificate import render_certificate  # noqa: PLC0415
+    from stacklock.verify.compare import Tolerance  # noqa: PLC0415
+    from stacklock.verify.session import verify as verify_stack  # noqa: PLC0415
+
+    if tolerance is not None and tolerance <= 0:
+        raise UsageError("--tolerance must be greater than 0", hint="e.g. --tolerance 0.5")
+    if certificate is not None:
+        # Fail before the engine runs, not after, when the certificate cannot be written.
+        certificate.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = _lock_path(manifest)
+    report = verify_stack(lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance))
+    _echo(render(report, fmt.value).rstrip("\n"))
+    if certificate is not None:
+        from stacklock.lock.project import read_lock  # noqa: PLC0415
+
+        lock_text = lock_path.read_text(encoding="utf-8")
+        data = make_certificate(lock_text, read_lock(lock_path), report)
+        write_text_atomic(certificate, render_certificate(data))
+        _note(f"wrote {certificate}")
+    if not report.reproduced:
+        raise typer.Exit(int(ExitCode.STACK_WRONG))
+
+
+@app.command()
+def share(
+    registry_dir: Annotated[Path, typer.Argument(help="A registry checkout to add the stack to.")],
+    certificate: Annotated[
+        Path, typer.Option("--certificate", help="The certificate from `stacklock verify --certificate`.")
+    ],
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The entry's name (default: the stack's).")
+    ] = None,
+    title: Annotated[str | None, typer.Option("--title", help="One line for `registry list`.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="A search tag (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing entry.")] = False,
+) -> None:
+    """Export this stack, its lock and its certificate as a registry entry, ready for a pull request."""
+    from stacklock.registry.share import share_stack  # noqa: PLC0415
+
+    target = share_stack(
+        manifest, certificate, registry_dir, name=name, title=title, tags=tuple(tag or ()), overwrite=force
+    )
+    _note(f"wrote {target}; commit it to the registry repository and open a pull request")
+
+
+class CheckFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+    SARIF = "sarif"
+
+
+@app.command()
+def check(
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    fmt: Annotated[CheckFormat, typer.Option("--format", help="Output format.")] = CheckFormat.TEXT,
+    offline: Annotated[bool, typer.Option("--offline", help="Use only cached registries.")] = False,
+) -> None:
+    """Evaluate the lock, and the engine installed here, against the registries' rules. No model runs."""
+    from stacklock import __version__  # noqa: PLC0415
+    from stacklock.engines.machine import installed_engine_version  # noqa: PLC0415
+    from stacklock.lock.project import read_lock, read_manifest  # noqa: PLC0415
+    from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
+    from stacklock.report.check import render_check_json, render_check_text  # noqa: PLC0415
+    from stacklock.report.sarif import render_sarif  # noqa: PLC0415
+    from stacklock.rules.check import check_stack  # noqa: PLC0415
+
+    lock_path = _lock_path(manifest)
+    locked = read_lock(lock_path)
+    sources = read_manifest(manifest)[0].registries if manifest.exists() else ()
+    registries = resolve_registries(
+        sources, pins=locked.registries, offline=offline, base_dir=manifest.parent
+    )
+    result = check_stack(locked, registries, installed_engine_version(locked.engine.name))
+    if fmt is CheckFormat.SARIF:
+        _echo(
+            render_sarif(
+                result.findings,
+                artifact_uri=lock_path.name,
+                allowances=result.allowances,
+                tool_version=__version__,
+            ).rstrip("\n")
+        )
+    elif fmt is CheckFormat.JSON:
+        _echo(render_check_json(result))
+    else:
+        _echo(render_check_text(result))
+    if not result.ok:
+        raise typer.Exit(int(ExitCode.STACK_WRONG))
+
+
+registry_app = typer.Typer(
+    help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True
+)
+app.add_typer(registry_app, name="registry")
+
+KindOption = Annotated[str | None, typer.Option("--kind", help="Only rules, templates or stacks.")]
+
+
+def _registries(manifest: Path, offline: bool, extra: list[str] | None = None) -> tuple[Any, ...]:
+    from stacklock.lock.project import read_lock, read_manifest  # noqa: PLC0415
+    from stacklock.model.findings import RegistrySource  # noqa: PLC0415
+    from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
+
+    sources = list(read_manifest(manifest)[0].registries) if manifest.exists() else []
+    sources += [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
+    lock_path = _lock_path(manifest)
+    pins = read_lock(lock_path).registries if lock_path.exists() else ()
+    return resolve_registries(sources, pins=pins, offline=offline, base_dir=manifest.parent)
+
+
+def _kind(kind: str | None) -> Any:
+    kinds = {"rule": "rule", "rules": "rule", "template": "template", "templates": "template"}
+    kinds |= {"stack": "stack", "stacks": "stack"}
+    if kind is None:
+        return None
+    if kind not in kinds:
+        raise UsageError(f"--kind {kind}: unknown kind", hint="use rule, template or stack")
+    return kinds[kind]
+
+
+def _print_entries(entries: Any) -> None:
+    for e in entries:
+        severity = f" [{e.severity.value}]" if e.severity else ""
+        _echo(f"{e.kind:<8} {e.id:<48} {e.registry:<10} {e.title}{severity}")
+    _note(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+
+
+@registry_app.command("list")
+def registry_list(
+    kind: KindOption = None,
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    registry: Annotated[list[str] | None, typer.Option("--registry", help="Another registry URL.")] = None,
+    offline: Annotated[bool, typer.Option("--offline")] = False,
+) -> None:
+    """List every rule, template and stack."""
+    from stacklock.registry.query import list_entries  # noqa: PLC0415
+
+    _print_entries(list_entries(_registries(manifest, offline, registry), _kind(kind)))
+
+
+@registry_app.command("search")
+def registry_search(
+    query: Annotated[list[str], typer.Argument(help="Words that must all appear (any case).")],
+    kind: KindOption = None,
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    registry: Annotated[list[str] | None, typer.Option("--registry", help="Another registry URL.")] = None,
+    offline: Annotated[bool, typer.Option("--offline")] = False,
+) -> None:
+    """Find entries by id, title, text, references or the facts they test."""
+    from stacklock.registry.query import search_entries  # noqa: PLC0415
+
+    _print_entries(search_entries(_registries(manifest, offline, registry), " ".join(query), _kind(kind)))
+
+
+@registry_app.command("show")
+def registry_show(
+    entry: Annotated[str, typer.Argument(help="A rule or template id, or a stack name.")],
+    kind: KindOption = None,
+    manifest: ManifestOption = DEFAULT_MANIFEST,
+    registry: Annotated[list[str] | None, typer.Option("--registry", help="Another registry URL.")] = None,
+    offline: Annotated[bool, typer.Option("--offline")] = False,
+) -> None:
+    """Print one entry as its registry holds it."""
+    from stacklock.registry.query import show_entry  # noqa: PLC0415
+
+    shown = show_entry(_registries(manifest, offline, registry), entry, _kind(kind))
+    _note(f"{shown.kind} '{entry}' from registry '{shown.registry}'")
+    _echo(shown.text.rstrip("\n"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning stacklock errors into one line and an exit code."""
+    # Typer handles its own usage errors (exit 2, like ours); our errors pass through it untouched.
+    try:
+        app(args=argv, prog_name="stacklock")
+    except StacklockError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(int(exc.exit_code))

@@ -1,0 +1,1 @@
+"""File primitives shared by every layer: atomic writes, content digests and the hash cache."""

@@ -1,0 +1,154 @@
+"""Content hashes of model files, with a cache keyed by file identity so re-locking a multi-GB file is instant.
+
+The cache key is (device, inode, size, mtime_ns): a file rewritten in place, replaced by a rename, grown or
+touched gets a new key, so a stale digest is never served. ``use_cache=False`` forces a re-hash (and refreshes
+the cache entry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Protocol
+
+from stacklock.files.atomic import write_text_atomic
+
+CHUNK = 1 << 20
+CACHE_VERSION = 1
+
+
+class HashProgress(Protocol):
+    """Receives progress while a file is hashed. The library never prints; the CLI passes a bar."""
+
+    def start(self, path: Path, total: int) -> None: ...
+    def advance(self, done: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, path: Path, total: int) -> None:
+        pass
+
+    def advance(self, done: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal and the file is large."""
+
+    def __init__(self, stream: IO[str] | None = None, min_bytes: int = 64 << 20) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._enabled = self._stream.isatty()
+        self._min_bytes = min_bytes
+        self._total = 0
+        self._name = ""
+        self._last = -1
+        self._active = False
+
+    def start(self, path: Path, total: int) -> None:
+        self._active = self._enabled and total >= self._min_bytes
+        self._total, self._name, self._last = max(total, 1), path.name, -1
+
+    def advance(self, done: int) -> None:
+        if not self._active:
+            return
+        percent = done * 100 // self._total
+        if percent != self._last:
+            self._last = percent
+            filled = percent // 4
+            bar = "#" * filled + "-" * (25 - filled)
+            self._stream.write(f"\rhashing {self._name} [{bar}] {percent:3d}%")
+            self._stream.flush()
+
+    def finish(self) -> None:
+        if self._active:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+
+
+def sha256_text(text: str) -> str:
+    """sha256 of a text's UTF-8 bytes, lowercase hex: templates, rendered prompts, locks."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path, progress: HashProgress | None = None) -> str:
+    """The sha256 of a file, read in 1 MiB chunks into one reused buffer."""
+    reporter = progress or NoProgress()
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as handle:
+        reporter.start(path, os.fstat(handle.fileno()).st_size)
+        done = 0
+        readinto: Callable[[memoryview], int | None] = handle.readinto
+        while n := readinto(view):
+            digest.update(view[:n])
+            done += n
+            reporter.advance(done)
+    reporter.finish()
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("STACKLOCK_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "stacklock"
+
+
+class HashCache:
+    """sha256 digests keyed by file identity, stored as one small JSON file."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.path = (directory or default_cache_dir()) / "hashes.json"
+        self._entries: dict[str, dict[str, object]] | None = None
+        self._dirty = False
+
+    @staticmethod
+    def _identity(stat: os.stat_result) -> list[int]:
+        return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+    def _load(self) -> dict[str, dict[str, object]]:
+        if self._entries is None:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                ok = isinstance(data, dict) and data.get("version") == CACHE_VERSION
+                self._entries = data["entries"] if ok else {}
+            except (OSError, ValueError, KeyError, TypeError):
+                # A missing or damaged cache only costs a re-hash; it is never an error.
+                self._entries = {}
+        return self._entries
+
+    def sha256(self, path: Path, *, use_cache: bool = True, progress: HashProgress | None = None) -> str:
+        key = str(path.resolve())
+        identity = self._identity(path.stat())
+        entries = self._load()
+        entry = entries.get(key)
+        if use_cache and entry is not None and entry.get("identity") == identity:
+            return str(entry["sha256"])
+        digest = sha256_file(path, progress)
+        # The file may have changed while it was read; only cache a digest whose identity held throughout.
+        if self._identity(path.stat()) == identity:
+            entries[key] = {"identity": identity, "sha256": digest}
+            self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write the cache if it changed. A read-only cache directory is not an error."""
+        if not self._dirty or self._entries is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            body = json.dumps({"version": CACHE_VERSION, "entries": self._entries}, sort_keys=True)
+            write_text_atomic(self.path, body)
+            self._dirty = False
+        except OSError:
+            pass

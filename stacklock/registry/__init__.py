@@ -1,0 +1,1 @@
+"""Registries: registry files, the bundled registry, fetching and caching, queries, export and share."""

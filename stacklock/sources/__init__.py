@@ -1,0 +1,1 @@
+"""Sources: where a link's file comes from (a local path, ``hf://``)."""

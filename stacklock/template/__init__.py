@@ -1,0 +1,1 @@
+"""Chat templates: the sandboxed renderer, and dialect and feature detection."""

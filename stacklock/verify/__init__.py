@@ -1,0 +1,1 @@
+"""Verification: the stage-by-stage comparison, goldens, the record/verify session and the certificate."""

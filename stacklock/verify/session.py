@@ -1,0 +1,203 @@
+"""`stacklock record` and `stacklock verify`: run the smoke prompts of a locked stack on its engine.
+
+``record`` stores goldens in the lock; ``verify`` compares a new run with them stage by stage
+(:mod:`stacklock.verify.compare` decides; this module only gathers observations through
+:mod:`stacklock.engines.runner`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stacklock import errors
+from stacklock.engines.machine import current_environment, installed_engine_version
+from stacklock.engines.runner import Job, run_engine
+from stacklock.errors import EngineError, StacklockError
+from stacklock.files.digest import HashCache, sha256_text
+from stacklock.gguf.header import header_from_gguf
+from stacklock.gguf.reader import read_gguf
+from stacklock.lock.load import load_template
+from stacklock.lock.project import read_lock, read_manifest, write_lock
+from stacklock.lock.smoke import effective_add_bos, render_smoke
+from stacklock.model.lock import Lock, SmokePin
+from stacklock.registry.fetch import resolve_registries
+from stacklock.sources.model import fetch_model, parse_model_source
+from stacklock.verify.compare import (
+    StageResult,
+    Tolerance,
+    VerifyReport,
+    build_report,
+    compare_artifacts,
+    compare_smoke,
+    golden_from_observation,
+    recording_from,
+    skipped,
+    smoke_result,
+)
+
+
+def check_engine(lock: Lock) -> None:
+    """Before running anything: the installed engine must be the locked version."""
+    installed = installed_engine_version(lock.engine.name)
+    if installed is not None and installed != lock.engine.version:
+        raise EngineError(
+            f"installed {lock.engine.name} {installed} is not the locked {lock.engine.version}",
+            hint=f"pip install '{lock.engine.name}=={lock.engine.version}', or re-lock and re-record on {installed}",
+        )
+
+
+def locate(location: str, base: Path) -> Path | None:
+    """A locked file on disk (relative to the manifest, or a hub file at its pinned commit in the local cache).
+
+    None when it is not there: verify never downloads.
+    """
+    if not location.startswith("hf://"):
+        path = base / location
+        return path if path.is_file() else None
+    try:
+        return fetch_model(parse_model_source(location), base, offline=True).path
+    except StacklockError:
+        return None
+
+
+def model_files(lock: Lock, base: Path) -> dict[str, Path | None]:
+    files = {lock.model.path: locate(lock.model.path, base)}
+    files.update({part.path: locate(part.path, base) for part in lock.model.parts})
+    return files
+
+
+def _require_model(lock: Lock, base: Path) -> Path:
+    path = locate(lock.model.path, base)
+    if path is None:
+        raise EngineError(
+            f"model file {lock.model.path} is missing, so the engine cannot run",
+            hint="put the locked file back (the lock pins its sha256) or re-lock",
+        )
+    return path
+
+
+def _job(lock: Lock, pin: SmokePin) -> Job:
+    # The BOS decision is re-derived from the lock's tokenizer flags, so an edited flag shows at tokenization.
+    rendered = render_smoke(pin, lock.template, lock.tokenizer)
+    return Job(pin.name, rendered, pin.max_tokens, effective_add_bos(pin, rendered, lock.tokenizer))
+
+
+def record(lock_path: Path, *, top_k: int = 5) -> Lock:
+    """Run every smoke prompt and store its golden in the lock (written atomically)."""
+    lock = read_lock(lock_path)
+    base = lock_path.parent
+    check_engine(lock)
+    if not lock.smoke:
+        raise errors.LockError(
+            f"{lock_path}: no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
+        )
+    artifacts = _artifacts(lock, base, HashCache())
+    if artifacts.status != "pass":
+        raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
+    run = run_engine(lock, _require_model(lock, base), [_job(lock, p) for p in lock.smoke], top_k=top_k)
+    smoke = tuple(
+        pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
+        for pin in lock.smoke
+    )
+    environment = current_environment().model_dump(mode="json", by_alias=True)
+    recorded = lock.model_copy(
+        update={"smoke": smoke, "recording": recording_from(run.identity, environment, top_k)}
+    )
+    write_lock(lock_path, recorded)
+    return recorded
+
+
+def _artifacts(lock: Lock, base: Path, cache: HashCache) -> StageResult:
+    expected = {lock.model.path: lock.model.sha256} | {p.path: p.sha256 for p in lock.model.parts}
+    observed: dict[str, str | None] = {}
+    for label, path in model_files(lock, base).items():
+        observed[label] = None if path is None else cache.sha256(path)
+    cache.save()
+    return compare_artifacts(expected, observed)
+
+
+def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
+    """The template re-read from its source, to point at the first character an edited lock changed."""
+    base = manifest_path.parent
+    try:
+        manifest, _ = read_manifest(manifest_path)
+        header = header_from_gguf(read_gguf(_require_model(lock, base)))
+        registries = resolve_registries(
+            manifest.registries, pins=lock.registries, offline=True, base_dir=base
+        )
+        return load_template(manifest, header, base, registries).text
+    except StacklockError:
+        return None
+
+
+def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyReport:
+    """Re-run every smoke prompt and compare each stage with the goldens."""
+    lock = read_lock(lock_path)
+    base = lock_path.parent
+    if not lock.smoke:
+        raise errors.LockError(
+            f"{lock_path}: no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
+        )
+    check_engine(lock)
+    artifacts = _artifacts(lock, base, HashCache())
+    model_path = _require_model(lock, base)
+    # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
+    text = lock.template.text
+    edited = (
+        text is not None and lock.template.sha256 is not None and sha256_text(text) != lock.template.sha256
+    )
+    reference = _reference_template(lock_path.with_name("llmstack.toml"), lock) if edited else None
+    jobs: list[Job] = []
+    broken: dict[str, StageResult] = {}
+    for pin in lock.smoke:
+        # A template that no longer renders fails that prompt's template stage; the engine is not asked.
+        try:
+            jobs.append(_job(lock, pin))
+        except errors.TemplateError as exc:
+            broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
+    run = run_engine(lock, model_path, jobs, top_k=lock.recording.top_k if lock.recording else 5)
+    results = []
+    for pin in lock.smoke:
+        if pin.name in broken:
+            reason = "the prompt could not be rendered"
+            stages = [artifacts, broken[pin.name]]
+            stages += [skipped(stage, reason) for stage in ("tokenization", "generation", "output")]
+            results.append(smoke_result(pin.name, stages))
+            continue
+        results.append(
+            compare_smoke(
+                pin.name,
+                pin.golden,
+                run.observations[pin.name],
+                rendered_sha256=pin.rendered_sha256,
+                artifacts=artifacts,
+                bos_id=lock.tokenizer.bos_id,
+                eos_id=lock.tokenizer.eos_id,
+                template=lock.template.text,
+                template_sha256=lock.template.sha256,
+                reference_template=reference,
+                expected_rendered=pin.rendered,
+                expectation=pin.expect,
+                tolerance=tolerance,
+                decode=_decoder(run.decoded),
+            )
+        )
+    recorded = lock.recording.engine if lock.recording else None
+    report = build_report(results, engine=run.identity, recorded_engine=recorded, tolerance=tolerance)
+    notes = list(report.notes)
+    if run.builtin is not None:
+        fmt, _ = run.builtin
+        notes.append(
+            f"on its own, {lock.engine.name} would render chats for this model with its '{fmt}' format; "
+            "stacklock renders the locked template instead"
+        )
+    return report.model_copy(update={"notes": tuple(notes)})
+
+
+def _decoder(decoded: Mapping[int, str]) -> Any:
+    def decode(tokens: Sequence[int]) -> str:
+        return "".join(decoded.get(t, f"<{t}>") for t in tokens)
+
+    return decode
