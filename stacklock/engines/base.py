@@ -9,7 +9,7 @@ read-only protocols (:class:`SamplerSettings`, :class:`BackendSettings`), so tha
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field
 
@@ -172,11 +172,57 @@ class LoadedModel(Protocol):
     def close(self) -> None: ...
 
 
+BuildScheme = Literal["build-number", "vendored", "none"]
+
+
+class Capabilities(Model):
+    """What an engine lets stacklock observe; a stage it cannot observe is reported as not checked, never ok."""
+
+    tokenize: bool = Field(description="The engine tokenizes text and reports the token ids.")
+    detokenize: bool = Field(description="The engine turns token ids back into text.")
+    token_id_prompts: bool = Field(description="Generation can start from token ids rather than text.")
+    top_logprobs: bool = Field(
+        description="Each generated token comes with the top-k alternatives and their ids."
+    )
+    chat_render: bool = Field(description="The engine's own rendering of chat messages can be observed.")
+    served: bool = Field(description="The engine is reached over HTTP at an endpoint, not loaded in process.")
+
+
+class AdapterInfo(Model):
+    """What stacklock knows about one engine, declared by its adapter class (a third-party adapter supplies all of it).
+
+    Read from the adapter class without instantiating it, so ``lock`` and ``check`` never import the engine.
+    """
+
+    name: str = Field(description="The engine name in llmstack.toml's [engine] name.")
+    distribution: str | None = Field(
+        description="The Python distribution whose installed version is the engine version; None when the "
+        "engine is not a Python package (a server binary, a remote endpoint)."
+    )
+    build_scheme: BuildScheme = Field(
+        description="How a version maps to a llama.cpp build: 'build-number' (the version is the build, "
+        "llama.cpp's bNNNN), 'vendored' (a wrapper release vendors one build, looked up in the registry's "
+        "engine tables), 'none' (not llama.cpp-based)."
+    )
+    sampler_defaults: dict[str, Any] | None = Field(
+        description="The value the engine uses for each sampler setting a request leaves out; None when "
+        "stacklock does not know them (the lock then says 'unknown' instead of inventing values)."
+    )
+    backend_defaults: dict[str, Any] | None = Field(
+        description="The engine's load options when the manifest sets none; None when unknown."
+    )
+    capabilities: Capabilities = Field(description="What the engine lets stacklock observe.")
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """An inference engine: who it is, and how to load a model in it."""
+    """An inference engine: who it is, and how to load a model in it.
+
+    The class carries the engine's knowledge (:attr:`info`); instances talk to the engine.
+    """
 
     name: str
+    info: ClassVar[AdapterInfo]
 
     def identity(self) -> EngineIdentity: ...
 

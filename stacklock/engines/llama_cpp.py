@@ -18,10 +18,12 @@ import platform
 import sys
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 from stacklock.engines.base import (
+    AdapterInfo,
     BackendSettings,
+    Capabilities,
     EngineIdentity,
     Generation,
     SamplerSettings,
@@ -178,6 +180,46 @@ class LlamaCppEngine:
     """llama.cpp through llama-cpp-python; registered as the ``llama-cpp-python`` engine."""
 
     name = ENGINE_NAME
+    # Defaults read from llama-cpp-python 0.3.x: ``Llama.__init__`` and ``Llama.create_completion`` keywords.
+    info: ClassVar[AdapterInfo] = AdapterInfo(
+        name=ENGINE_NAME,
+        distribution="llama-cpp-python",
+        build_scheme="vendored",
+        sampler_defaults={
+            "temperature": 0.8,
+            "top_k": 40,
+            "top_p": 0.95,
+            "min_p": 0.05,
+            "typical_p": 1.0,
+            "repeat_penalty": 1.0,
+            "repeat_last_n": 64,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "mirostat": 0,
+            "mirostat_tau": 5.0,
+            "mirostat_eta": 0.1,
+            "seed": RANDOM_SEED,
+            "max_tokens": 16,
+            "stop": (),
+        },
+        backend_defaults={
+            "gpu_layers": 0,
+            "flash_attention": "off",
+            "cache_type_k": "f16",
+            "cache_type_v": "f16",
+            "threads": "auto",
+            "batch_size": 512,
+            "context_size": 512,
+        },
+        capabilities=Capabilities(
+            tokenize=True,
+            detokenize=True,
+            token_id_prompts=True,
+            top_logprobs=True,
+            chat_render=True,
+            served=False,
+        ),
+    )
 
     def __init__(self) -> None:
         self._llama_cpp = _import_llama_cpp()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from typing import cast
 
-from stacklock.engines.base import Engine
+from stacklock.engines.base import AdapterInfo, Engine
 from stacklock.errors import EngineError
 
 ENTRY_POINT_GROUP = "stacklock.engines"
@@ -37,8 +38,8 @@ def engine_names() -> tuple[str, ...]:
     return tuple(sorted(_entry_point_targets()))
 
 
-def load_engine(name: str) -> Engine:
-    """Instantiate the engine registered as ``name``; a missing or broken one is an :class:`EngineError`."""
+def adapter_class(name: str) -> type[Engine]:
+    """The adapter class registered as ``name``, imported but not instantiated (the engine is not loaded)."""
     targets = _entry_point_targets()
     if name not in targets:
         known = ", ".join(sorted(targets)) or "none"
@@ -53,18 +54,43 @@ def load_engine(name: str) -> Engine:
         )
     module_name, _, attr = targets[name][0].partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-        engine = factory()
-    except EngineError:
-        raise
+        cls = getattr(importlib.import_module(module_name), attr)
     except Exception as exc:  # A broken plugin must not crash the CLI; it is an unavailable engine.
         raise EngineError(
             f"engine {name!r} ({targets[name][0]}) failed to load: {type(exc).__name__}: {exc}",
             hint="reinstall the package that provides it",
         ) from exc
+    if not isinstance(getattr(cls, "info", None), AdapterInfo):
+        raise EngineError(
+            f"engine {name!r} ({targets[name][0]}) declares no AdapterInfo (its class attribute 'info')",
+            hint="upgrade the package that provides it",
+        )
+    return cast("type[Engine]", cls)
+
+
+def adapter_info(name: str) -> AdapterInfo | None:
+    """What the adapter registered as ``name`` declares about its engine; None when no adapter is registered."""
+    if name not in _entry_point_targets():
+        return None
+    return adapter_class(name).info
+
+
+def load_engine(name: str) -> Engine:
+    """Instantiate the engine registered as ``name``; a missing or broken one is an :class:`EngineError`."""
+    cls = adapter_class(name)
+    try:
+        engine = cls()
+    except EngineError:
+        raise
+    except Exception as exc:  # A broken plugin must not crash the CLI; it is an unavailable engine.
+        raise EngineError(
+            f"engine {name!r} failed to start: {type(exc).__name__}: {exc}",
+            hint="reinstall the package that provides it",
+        ) from exc
     if not isinstance(engine, Engine):
         raise EngineError(
-            f"engine {name!r} ({targets[name][0]}) does not implement the stacklock engine interface",
+            f"engine {name!r} ({cls.__module__}:{cls.__qualname__}) does not implement the stacklock engine "
+            "interface",
             hint="upgrade the package that provides it",
         )
     return engine
