@@ -146,7 +146,15 @@ _IQ_MIX = re.compile(r"(?<=^IQ\d)_M$")
 def check_structure(header: ModelHeader) -> tuple[Finding, ...]:
     """Every structural finding of a GGUF header; pure."""
     checks = (_shapes, _layers, _special_ids, _tokenizer_arrays, _overlaps, _quantization)
-    return tuple(finding for check in checks for finding in check(header))
+    # One finding per check: the first instance names the field, the count says how many more there are.
+    found: dict[str, list[Finding]] = {}
+    for check in checks:
+        for finding in check(header):
+            found.setdefault(finding.rule, []).append(finding)
+    return tuple(
+        first if not more else first.model_copy(update={"title": f"{first.title} (and {len(more)} more)"})
+        for first, *more in found.values()
+    )
 
 
 def _int(metadata: Mapping[str, object], key: str) -> int | None:
@@ -234,7 +242,6 @@ def _attention(header: ModelHeader, tensors: Mapping[str, TensorEntry], n_embd: 
         expected = expected_shapes.get(match[2]) if match else None
         if expected is not None and tensor.shape != expected:
             yield _shape_finding(ATTENTION_SHAPE, tensor, expected, why)
-            return
 
 
 def _layers(header: ModelHeader) -> Iterator[Finding]:

@@ -63,8 +63,8 @@ class LockDiff(Model):
 
 def embedded_template(lock: Lock) -> str | None:
     """The text of the model's embedded template as the lock knows it (only when it pins that source)."""
-    source = lock.template.source
-    return lock.template.text if source == "gguf" or source.startswith("gguf:") else None
+    # A named template (gguf:NAME) is not tokenizer.chat_template, whose digest the model pin keeps.
+    return lock.template.text if lock.template.source == "gguf" else None
 
 
 def explain_model(

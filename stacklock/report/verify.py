@@ -22,7 +22,10 @@ _MARKS = {"pass": "ok", "fail": "FAIL", "skip": "skip", "tolerated": "tolerated"
 
 
 def _stage_line(stage: StageResult) -> str:
-    return f"    {stage.stage:<13}{_MARKS[stage.status]:<10}{stage.detail}"
+    line = f"    {stage.stage:<13}{_MARKS[stage.status]:<10}{stage.detail}"
+    if stage.diff:
+        line += "\n" + "\n".join(f"        {diff_line}" for diff_line in stage.diff.splitlines())
+    return line
 
 
 def _verdict(report: VerifyReport) -> str:
