@@ -18,15 +18,17 @@ import gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stacklock.files.digest import sha256_file
+from stacklock.files.digest import digest_regions
 from stacklock.gguf.reader import read_gguf
 from stacklock.gguf.tokenizer import fingerprint_tokenizer
 from tests.gguf_builder import gemma_model_path
 
 
 def stacklock_file_sha256(path: Path) -> str:
-    """The whole-file sha256 as `stacklock lock` computes it on a cold cache."""
-    return sha256_file(path)
+    """The whole-file sha256 as `stacklock lock` computes it on a cold cache: in the same read loop as the
+    header region's sha256 and the tensor data region's xxh3 (the data offset comes from the header parse,
+    timed apart in ``main``)."""
+    return digest_regions(path, read_gguf(path).data_offset).sha256
 
 
 def measure_first_hash(path: Path, runs: int = 3) -> tuple[float, float]:
@@ -99,8 +101,9 @@ def main() -> int:
 
     ours_ms, reference_ms = measure_first_hash(path)
     print(
-        f"file sha256: stacklock {ours_ms:.0f} ms, hashlib.file_digest {reference_ms:.0f} ms, "
-        f"ratio {ours_ms / reference_ms:.2f} (target <= 1.2)"
+        f"file sha256 + region digests (header sha256, data xxh3), header parse included: stacklock "
+        f"{ours_ms:.0f} ms, hashlib.file_digest {reference_ms:.0f} ms, ratio {ours_ms / reference_ms:.2f} "
+        "(target <= 1.2)"
     )
     return 0
 
