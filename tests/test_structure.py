@@ -47,7 +47,13 @@ BROKEN: dict[str, tuple[dict[str, Any], str, str]] = {
         "llama.embedding_length",
     ),
     "heads-divide-embedding": (
-        {"n_head": 4, "extra_metadata": {"llama.attention.head_count": _u32(3), "llama.attention.head_count_kv": _u32(3)}},
+        {
+            "n_head": 4,
+            "extra_metadata": {
+                "llama.attention.head_count": _u32(3),
+                "llama.attention.head_count_kv": _u32(3),
+            },
+        },
         "gguf-head-count",
         "not divisible by llama.attention.head_count 3",
     ),
@@ -120,12 +126,17 @@ def _overlapping(path: Path, second_offset: int) -> Path:
 def test_overlapping_tensor_data_is_a_warning(tmp_path: Path) -> None:
     # The GGUF writer never lays tensors over each other, so the file is written byte by byte.
     found = _findings(_overlapping(tmp_path / "overlap.gguf", 64))
-    assert "'second.weight' (data offset 64) overlaps 'first.weight' (bytes 0 to 128)" in found["gguf-tensor-overlap"]
+    assert (
+        "'second.weight' (data offset 64) overlaps 'first.weight' (bytes 0 to 128)"
+        in found["gguf-tensor-overlap"]
+    )
     assert "gguf-tensor-overlap" not in _findings(_overlapping(tmp_path / "apart.gguf", 128))
 
 
 def test_one_finding_per_check_counts_the_rest(tmp_path: Path) -> None:
-    found = _findings(build_tiny_gguf(tmp_path / "ff.gguf", extra_metadata={"llama.feed_forward_length": _u32(100)}))
+    found = _findings(
+        build_tiny_gguf(tmp_path / "ff.gguf", extra_metadata={"llama.feed_forward_length": _u32(100)})
+    )
     # Three feed-forward tensors in each of two layers: the first is named, five more are counted.
     assert found["gguf-feed-forward-shape"].endswith("(and 5 more)")
 

@@ -11,6 +11,7 @@ The checks are pure: :func:`check_structure` takes the cached header summary and
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -26,7 +27,9 @@ _GGUF_SPEC = "https://github.com/ggml-org/ggml/blob/master/docs/gguf.md"
 _RECONVERT = "convert the model again with a current llama.cpp, or download an intact copy"
 
 
-def _check(check_id: str, severity: Severity, title: str, explanation: str, fix: str, *refs: str) -> BuiltinCheck:
+def _check(
+    check_id: str, severity: Severity, title: str, explanation: str, fix: str, *refs: str
+) -> BuiltinCheck:
     return register(
         BuiltinCheck(
             id=check_id,
@@ -135,7 +138,19 @@ QUANTIZATION_LABEL = _check(
 
 #: Architectures whose layers all hold the same tensors and whose projections are sized as below.
 _DENSE = frozenset(
-    {"llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "granite", "olmo", "olmo2", "stablelm"}
+    {
+        "llama",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "qwen2",
+        "qwen3",
+        "granite",
+        "olmo",
+        "olmo2",
+        "stablelm",
+    }
 )
 _SPECIAL_IDS = ("bos", "eos", "eot", "eom", "unknown", "padding", "sep", "cls", "mask")
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -183,7 +198,9 @@ def _shapes(header: ModelHeader) -> Iterator[Finding]:
         if tensor is None or len(tensor.shape) != 2:
             continue
         if n_embd is not None and tensor.shape[0] != n_embd:
-            yield _shape_finding(EMBEDDING_SHAPE, tensor, (n_embd, tensor.shape[1]), f"{arch}.embedding_length")
+            yield _shape_finding(
+                EMBEDDING_SHAPE, tensor, (n_embd, tensor.shape[1]), f"{arch}.embedding_length"
+            )
         elif n_vocab and tensor.shape[1] != n_vocab:
             yield _shape_finding(
                 VOCAB_SHAPE, tensor, (tensor.shape[0], n_vocab), f"tokenizer.ggml.tokens has {n_vocab} tokens"
@@ -280,7 +297,9 @@ def _special_ids(header: ModelHeader) -> Iterator[Finding]:
         key = f"tokenizer.ggml.{kind}_token_id"
         value = _int(header.metadata, key)
         if value is not None and not 0 <= value < n_vocab:
-            yield SPECIAL_TOKEN_ID.finding(title=f"{key} is {value}, outside the vocabulary of {n_vocab} tokens")
+            yield SPECIAL_TOKEN_ID.finding(
+                title=f"{key} is {value}, outside the vocabulary of {n_vocab} tokens"
+            )
 
 
 def _array_count(shape: str) -> int:
@@ -302,7 +321,7 @@ def _tokenizer_arrays(header: ModelHeader) -> Iterator[Finding]:
 
 def _overlaps(header: ModelHeader) -> Iterator[Finding]:
     ordered = sorted(header.tensors, key=lambda t: (t.part, t.offset, t.size))
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         if before.part == after.part and after.offset < before.offset + before.size:
             yield TENSOR_OVERLAP.finding(
                 title=(

@@ -124,9 +124,7 @@ def _digest(value: str | None) -> str:
 def template_diff(old: str, new: str, *, name: str = "template", limit: int = MAX_DIFF_LINES) -> str:
     """A unified diff of two template texts, at most ``limit`` lines."""
     lines = list(
-        difflib.unified_diff(
-            old.splitlines(), new.splitlines(), f"a/{name}", f"b/{name}", n=1, lineterm=""
-        )
+        difflib.unified_diff(old.splitlines(), new.splitlines(), f"a/{name}", f"b/{name}", n=1, lineterm="")
     )
     if len(lines) > limit:
         lines = [*lines[:limit], f"... ({len(lines) - limit} more diff lines)"]
@@ -233,7 +231,9 @@ def _smoke_diff(old: Sequence[SmokePin], new: Sequence[SmokePin]) -> LinkDiff:
 def _first_char(old: str | None, new: str | None) -> str:
     if old is None or new is None:
         return ""
-    index = next((i for i, (p, q) in enumerate(zip(old, new, strict=False)) if p != q), min(len(old), len(new)))
+    index = next(
+        (i for i, (p, q) in enumerate(zip(old, new, strict=False)) if p != q), min(len(old), len(new))
+    )
     return f" at character {index}: {old[index : index + 20]!r} → {new[index : index + 20]!r}"
 
 

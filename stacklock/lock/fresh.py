@@ -69,7 +69,9 @@ def _model_changed(lock_path: Path, locked: Lock, fresh: Lock, embedded: str | N
 
 def _comparable(locked: Lock) -> Lock:
     """A lock written before long metadata strings were bounded, with them pinned as now (by digest)."""
-    metadata = {k: pin_metadata_value(v) if isinstance(v, str) else v for k, v in locked.model.metadata.items()}
+    metadata = {
+        k: pin_metadata_value(v) if isinstance(v, str) else v for k, v in locked.model.metadata.items()
+    }
     return locked.model_copy(update={"model": locked.model.model_copy(update={"metadata": metadata})})
 
 

@@ -54,7 +54,7 @@ class PinnedText(Model):
 MetadataValue = str | int | float | bool | PinnedText
 
 
-def pin_metadata_value(value: str | int | float | bool) -> MetadataValue:
+def pin_metadata_value(value: str | float | bool) -> MetadataValue:
     """A metadata value as the lock pins it: verbatim, or by digest and length when it is a long string.
 
     A megabyte string would otherwise be copied into every lock; its digest detects any change just as well.

@@ -21,8 +21,8 @@ from stacklock.gguf.reader import read_gguf
 from stacklock.lock.diff import embedded_template, explain_model, template_diff
 from stacklock.lock.load import load_template
 from stacklock.lock.project import read_lock, read_manifest, write_lock
-from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.lock.resolve import pin_model
+from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import FilePin, Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
 from stacklock.sources.model import fetch_model, parse_model_source
