@@ -28,9 +28,10 @@ from stacklock.model.lock import (
 )
 from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import evaluate, rules_for, split_allowed
+from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
+from stacklock.template.probes import run_probes
 from stacklock.template.sandbox import template_dialect, template_features
 
 
@@ -73,7 +74,13 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
     )
-    findings = evaluate(rules_for(inputs.registries), facts_from_lock(lock))
+    # Built-in probes report like rules, so --allow, lock refusal and `check` treat both alike.
+    findings = tuple(
+        sorted(
+            (*evaluate(rules_for(inputs.registries), facts_from_lock(lock)), *run_probes(lock).findings),
+            key=finding_sort_key,
+        )
+    )
     fired = {f.rule for f in findings if f.severity is Severity.ERROR}
     given = {a.rule for a in allow}
     kept = [a for a in carried if a.rule in fired and a.rule not in given]
