@@ -2,6 +2,7 @@
 
 No model runs. The lock's facts are evaluated as locked; when the installed engine differs from the locked one,
 they are evaluated again with the installed engine, so a rule that only the installed version trips is found.
+The template probes run again from the lock's pinned template text and tokenizer fingerprint.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Protocol
 from stacklock.model.findings import Allowance, Finding, Link, Severity
 from stacklock.model.lock import Lock
 from stacklock.rules.facts import facts_from_lock
+from stacklock.rules.builtin import all_checks
 from stacklock.rules.predicates import HasRules, evaluate, rules_for, triage
 from stacklock.rules.versions import EngineTables, HasEngineTables, vendored_build
+from stacklock.template.probes import ProbeRun, run_probes
 
 
 class Registry(HasRules, HasEngineTables, Protocol):
@@ -25,10 +28,22 @@ ENGINE_MISMATCH = "stacklock-engine-mismatch"
 
 
 @dataclass(frozen=True)
+class Coverage:
+    """What ``check`` looked at: the rules evaluated and the built-in checks that ran or could not, and why."""
+
+    rules: tuple[str, ...]
+    probes: ProbeRun
+    #: Rules that read facts this lock does not have (an engine without a known build, a model without a
+    #: context length): they were evaluated, but could not fire on what they need, by rule id.
+    missing_facts: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
 class CheckResult:
     findings: tuple[Finding, ...]
     allowances: tuple[Allowance, ...]
     blocking: tuple[Finding, ...]
+    coverage: Coverage
 
     @property
     def ok(self) -> bool:
@@ -50,9 +65,26 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
             here["engine.build"] = build
         for finding in evaluate(rules, here):
             findings.setdefault(finding.rule, finding)
+    probes = run_probes(lock)
+    for finding in probes.findings:
+        findings.setdefault(finding.rule, finding)
     ordered = tuple(sorted(findings.values(), key=lambda f: (_RANK[f.severity], f.rule)))
     result = triage(ordered, lock.allowances)
-    return CheckResult(ordered, lock.allowances, tuple(result.blocking))
+    missing = {
+        rule.id: tuple(sorted(rule.when.fact_names() - facts.keys()))
+        for rule in rules
+        if rule.when.fact_names() - facts.keys()
+    }
+    coverage = Coverage(tuple(sorted(r.id for r in rules)), probes, dict(sorted(missing.items())))
+    return CheckResult(ordered, lock.allowances, tuple(result.blocking), coverage)
+
+
+def check_catalog(registries: Sequence[HasRules]) -> tuple[Finding, ...]:
+    """One finding per rule and built-in check that can fire, for SARIF's driver: registry rules, then checks."""
+    return (
+        *(rule.finding() for rule in rules_for(registries)),
+        *(check.finding() for check in all_checks()),
+    )
 
 
 _RANK = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
