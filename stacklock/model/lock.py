@@ -62,7 +62,11 @@ class ModelPin(Model):
     )
     special_texts: tuple[str, ...] = Field(
         default=(),
-        description="End-of-turn and control token texts engines look for, found in the vocabulary.",
+        description=(
+            "The vocabulary's special-token texts a template may emit (control and user-defined tokens shaped "
+            "like markers, numbered placeholders left out, at most 512); the template probes check renders "
+            "against them."
+        ),
     )
     metadata: dict[str, str | int | float | bool] = Field(
         default_factory=dict,

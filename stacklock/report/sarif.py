@@ -63,8 +63,15 @@ def table_lines(text: str) -> dict[str, int]:
     the pinned template text when the table has one, so that a template finding lands on the template."""
     lines: dict[str, int] = {}
     table = None
+    quote: str | None = None  # Inside a multi-line string (the template text) nothing is a table header.
     for number, line in enumerate(text.splitlines(), start=1):
-        header = _TABLE.match(line)
+        if quote is not None:
+            if line.count(quote) % 2:
+                quote = None
+            continue
+        opened = next((q for q in ('"""', "'''") if line.count(q) % 2), None)
+        header = None if opened else _TABLE.match(line)
+        quote = opened
         if header:
             table = header[1]
             lines.setdefault(table, number)

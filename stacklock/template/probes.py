@@ -411,10 +411,11 @@ def _double_bos(renders: _Renders) -> Finding | None:
 
 def _roles(renders: _Renders) -> Finding | None:
     rejected = []
-    text = renders.lock.template.text or ""
+    template = renders.lock.template
+    # A template that knows nothing of tools is not expected to take a tool result.
+    knows_tools = "tools" in template.features or "tool_calls" in (template.text or "")
     for conv in CORPUS:
-        # A template that knows nothing of tools is not expected to take a tool result.
-        if conv.roles == ("tool",) and "tool" not in text:
+        if conv.roles == ("tool",) and not knows_tools:
             continue
         if conv.roles and renders.render(conv, prompt=True) is None:
             rejected += [f"{role} ({renders.failed[conv.name]})" for role in conv.roles]
