@@ -21,7 +21,9 @@ def test_init_writes_none_with_a_comment_and_lock_says_what_engines_do(tmp_path:
     lines = (tmp_path / "llmstack.toml").read_text().splitlines()
     source = lines.index('source = "none"')
     comment = "\n".join(lines[lines.index("[template]") + 1 : source])
-    assert comment.startswith("# The model file has no chat template and the registry knows none for 'llama'.")
+    assert comment.startswith(
+        "# The model file has no chat template and the registry knows none for 'llama'."
+    )
     for engine in ("llama-cpp-python with its llama-2 format", "llama-server with ChatML", "Ollama"):
         assert engine in comment.replace("\n# ", " ")
 

@@ -130,7 +130,9 @@ def test_generation_prompt_ignored(tmp_path: Path) -> None:
     lock = lock_of(tmp_path, template)
     assert only(lock, "tmpl-generation-prompt-ignored") == "The template ignores add_generation_prompt"
     # An error: the lock refuses it until allowed.
-    assert resolve(load_inputs(tmp_path / "llmstack.toml")).blocking[0].rule == "tmpl-generation-prompt-ignored"
+    assert (
+        resolve(load_inputs(tmp_path / "llmstack.toml")).blocking[0].rule == "tmpl-generation-prompt-ignored"
+    )
 
 
 def test_turn_terminator_not_end_of_generation(tmp_path: Path) -> None:
@@ -185,7 +187,9 @@ def test_multiturn_prefix_unstable(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.skipif(installed_engine_version("vllm") is not None, reason="the lock would pin the installed vllm")
+@pytest.mark.skipif(
+    installed_engine_version("vllm") is not None, reason="the lock would pin the installed vllm"
+)
 def test_double_bos_on_an_engine_that_adds_it(tmp_path: Path) -> None:
     vllm = manifest(engine="vllm", version="==0.8.0")
     lock = lock_of(tmp_path / "vllm", "{{ bos_token }}" + CHATML, vllm)
@@ -196,8 +200,12 @@ def test_double_bos_on_an_engine_that_adds_it(tmp_path: Path) -> None:
 
 
 def test_double_bos_on_a_llama_cpp_build_before_the_fix(tmp_path: Path) -> None:
-    old = lock_of(tmp_path / "old", "{{ bos_token }}" + CHATML, manifest(engine="llama.cpp", version="==b4600"))
-    new = lock_of(tmp_path / "new", "{{ bos_token }}" + CHATML, manifest(engine="llama.cpp", version="==b4628"))
+    old = lock_of(
+        tmp_path / "old", "{{ bos_token }}" + CHATML, manifest(engine="llama.cpp", version="==b4600")
+    )
+    new = lock_of(
+        tmp_path / "new", "{{ bos_token }}" + CHATML, manifest(engine="llama.cpp", version="==b4628")
+    )
     assert "tok-double-bos" in probe_ids(old)
     assert "tok-double-bos" not in probe_ids(new)
 
@@ -220,8 +228,13 @@ def test_tool_role_is_not_asked_of_a_template_without_tools(tmp_path: Path) -> N
 
 
 def test_clock(tmp_path: Path) -> None:
-    template = _chatml(**{"{% for": "<|im_start|>system\nToday is {{ strftime_now('%d %b %Y') }}<|im_end|>\n{% for"})
-    assert only(lock_of(tmp_path, template), "tmpl-uses-clock") == "The render depends on the date (strftime_now)"
+    template = _chatml(
+        **{"{% for": "<|im_start|>system\nToday is {{ strftime_now('%d %b %Y') }}<|im_end|>\n{% for"}
+    )
+    assert (
+        only(lock_of(tmp_path, template), "tmpl-uses-clock")
+        == "The render depends on the date (strftime_now)"
+    )
 
 
 def test_undefined_variable(tmp_path: Path) -> None:
@@ -248,9 +261,13 @@ def test_a_conversation_the_template_cannot_render_skips_its_probes(tmp_path: Pa
     # A template that renders nothing but assistant turns raises on every user-only conversation.
     template = "{% for m in messages %}{{ raise_exception('x') if m['role'] == 'user' }}{% endfor %}"
     lock = lock_of(tmp_path, CHATML)
-    run = run_probes(lock.model_copy(update={"template": lock.template.model_copy(update={"text": template})}))
+    run = run_probes(
+        lock.model_copy(update={"template": lock.template.model_copy(update={"text": template})})
+    )
     assert "tmpl-generation-prompt-ignored" in run.skipped
-    assert run.skipped["tmpl-generation-prompt-ignored"].startswith("the 'single-user' conversation does not render")
+    assert run.skipped["tmpl-generation-prompt-ignored"].startswith(
+        "the 'single-user' conversation does not render"
+    )
 
 
 def test_check_runs_the_probes_from_the_lock(tmp_path: Path) -> None:
@@ -258,7 +275,7 @@ def test_check_runs_the_probes_from_the_lock(tmp_path: Path) -> None:
     lock = lock_of(tmp_path, template).model_copy(update={"findings": ()})
     result = check_stack(lock, (), None)
     assert [f.rule for f in result.findings] == ["tmpl-undefined-variable"]
-    assert "tmpl-undefined-variable" in result.coverage.probes.ran
+    assert "tmpl-undefined-variable" in result.coverage.checks_ran
 
 
 def test_every_probe_is_catalogued_with_its_text() -> None:

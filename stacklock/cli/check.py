@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stacklock import __version__
-from stacklock.errors import StacklockError
 from stacklock.engines.machine import installed_engine_version
+from stacklock.errors import StacklockError
 from stacklock.lock.load import load_inputs
 from stacklock.lock.project import read_lock, read_manifest
 from stacklock.lock.resolve import resolve
@@ -50,7 +50,7 @@ def run_check(manifest: Path, lock_path: Path, fmt: str, *, offline: bool) -> Ch
         refused = _refused(manifest, offline=offline)
         if refused is None:
             read_lock(lock_path)  # Raises: no lock, and no finding that explains why.
-        assert refused is not None  # noqa: S101 - read_lock raised otherwise.
+        assert refused is not None
         (locked, registries), artifact, lock_sha256 = refused, manifest, None
         text = manifest.read_text(encoding="utf-8")
     result = check_stack(locked, registries, installed_engine_version(locked.engine.name))
@@ -68,7 +68,9 @@ def run_check(manifest: Path, lock_path: Path, fmt: str, *, offline: bool) -> Ch
     else:
         rendered = render_check_text(result)
         if lock_sha256 is None:
-            rendered = f"{lock_path.name}: none (lock refused); findings of {manifest.name}'s resolution\n{rendered}"
+            rendered = (
+                f"{lock_path.name}: none (lock refused); findings of {manifest.name}'s resolution\n{rendered}"
+            )
     return CheckOutput(rendered, result.ok)
 
 

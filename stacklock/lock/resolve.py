@@ -29,6 +29,7 @@ from stacklock.model.lock import (
 from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
 from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
+from stacklock.rules.pretokenizers import check_pretokenizer, merged_table
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.probes import run_probes
@@ -77,7 +78,11 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     # Built-in probes report like rules, so --allow, lock refusal and `check` treat both alike.
     findings = tuple(
         sorted(
-            (*evaluate(rules_for(inputs.registries), facts_from_lock(lock)), *run_probes(lock).findings),
+            (
+                *evaluate(rules_for(inputs.registries), facts_from_lock(lock)),
+                *run_probes(lock).findings,
+                *check_pretokenizer(lock, merged_table(inputs.registries)),
+            ),
             key=finding_sort_key,
         )
     )

@@ -30,27 +30,25 @@ def render_check_text(result: CheckResult) -> str:
     return "\n".join(lines)
 
 
-def render_check_json(
-    result: CheckResult, lock: Lock, *, lock_sha256: str | None, tool_version: str
-) -> str:
+def render_check_json(result: CheckResult, lock: Lock, *, lock_sha256: str | None, tool_version: str) -> str:
     """The document tools read: what was checked (digests), what ran (coverage) and what was found.
 
     ``lock_sha256`` is the digest of the lock file's bytes, or ``None`` when there is no lock (the lock was
     refused): then ``locked`` is false and the findings are those of the manifest's resolution.
     """
-    probes = result.coverage.probes
+    covered = result.coverage
     coverage: dict[str, Any] = {
         "rules": {
-            "evaluated": list(result.coverage.rules),
+            "evaluated": list(covered.rules),
             "missing-facts": [
-                {"id": key, "facts": list(names)} for key, names in result.coverage.missing_facts.items()
+                {"id": key, "facts": list(names)} for key, names in covered.missing_facts.items()
             ],
         },
-        "probes": {
-            "corpus-version": probes.corpus_version,
-            "ran": list(probes.ran),
-            "skipped": [{"id": key, "reason": reason} for key, reason in sorted(probes.skipped.items())],
+        "checks": {
+            "ran": list(covered.checks_ran),
+            "skipped": [{"id": key, "reason": reason} for key, reason in covered.checks_skipped.items()],
         },
+        "probe-corpus-version": covered.corpus_version,
     }
     return json.dumps(
         {

@@ -82,7 +82,7 @@ def table_lines(text: str) -> dict[str, int]:
     return lines
 
 
-def sarif_document(  # noqa: PLR0913 - keyword-only options of one document.
+def sarif_document(
     findings: Sequence[Finding],
     *,
     artifact_uri: str = "llmstack.lock",
@@ -157,7 +157,7 @@ def _line_of(finding: Finding, lines: Mapping[str, int], default: int) -> int:
     return next((lines[link.value] for link in finding.links if link.value in lines), default)
 
 
-def render_sarif(  # noqa: PLR0913 - keyword-only options of one document.
+def render_sarif(
     findings: Sequence[Finding],
     *,
     artifact_uri: str = "llmstack.lock",

@@ -55,7 +55,7 @@ class BuiltinCheck:
 CATALOG: dict[str, BuiltinCheck] = {}
 
 #: The modules that declare check families; each registers its checks when imported.
-FAMILIES: tuple[str, ...] = ("stacklock.template.probes",)
+FAMILIES: tuple[str, ...] = ("stacklock.template.probes", "stacklock.rules.pretokenizers")
 
 
 def register(check: BuiltinCheck) -> BuiltinCheck:

@@ -13,15 +13,22 @@ from typing import Protocol
 
 from stacklock.model.findings import Allowance, Finding, Link, Severity
 from stacklock.model.lock import Lock
-from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.builtin import all_checks
+from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import HasRules, evaluate, rules_for, triage
+from stacklock.rules.pretokenizers import FAMILY as PRETOKENIZER_FAMILY
+from stacklock.rules.pretokenizers import (
+    HasPreTokenizers,
+    check_pretokenizer,
+    merged_table,
+    pretokenizer_skipped,
+)
 from stacklock.rules.versions import EngineTables, HasEngineTables, vendored_build
-from stacklock.template.probes import ProbeRun, run_probes
+from stacklock.template.probes import run_probes
 
 
-class Registry(HasRules, HasEngineTables, Protocol):
-    """What check needs of a loaded registry: its rules and its engine tables."""
+class Registry(HasRules, HasEngineTables, HasPreTokenizers, Protocol):
+    """What check needs of a loaded registry: its rules, engine tables and pre-tokenizer table."""
 
 
 ENGINE_MISMATCH = "stacklock-engine-mismatch"
@@ -32,10 +39,12 @@ class Coverage:
     """What ``check`` looked at: the rules evaluated and the built-in checks that ran or could not, and why."""
 
     rules: tuple[str, ...]
-    probes: ProbeRun
     #: Rules that read facts this lock does not have (an engine without a known build, a model without a
     #: context length): they were evaluated, but could not fire on what they need, by rule id.
     missing_facts: dict[str, tuple[str, ...]]
+    checks_ran: tuple[str, ...]
+    checks_skipped: dict[str, str]
+    corpus_version: int
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
         for finding in evaluate(rules, here):
             findings.setdefault(finding.rule, finding)
     probes = run_probes(lock)
-    for finding in probes.findings:
+    known = merged_table(registries)
+    for finding in (*probes.findings, *check_pretokenizer(lock, known)):
         findings.setdefault(finding.rule, finding)
     ordered = tuple(sorted(findings.values(), key=lambda f: (_RANK[f.severity], f.rule)))
     result = triage(ordered, lock.allowances)
@@ -75,7 +85,17 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
         for rule in rules
         if rule.when.fact_names() - facts.keys()
     }
-    coverage = Coverage(tuple(sorted(r.id for r in rules)), probes, dict(sorted(missing.items())))
+    skipped = dict(probes.skipped)
+    reason = pretokenizer_skipped(lock, known)
+    if reason is not None:
+        skipped |= {c.id: reason for c in all_checks() if c.family == PRETOKENIZER_FAMILY}
+    coverage = Coverage(
+        rules=tuple(sorted(r.id for r in rules)),
+        missing_facts=dict(sorted(missing.items())),
+        checks_ran=tuple(c.id for c in all_checks() if c.id not in skipped),
+        checks_skipped=dict(sorted(skipped.items())),
+        corpus_version=probes.corpus_version,
+    )
     return CheckResult(ordered, lock.allowances, tuple(result.blocking), coverage)
 
 

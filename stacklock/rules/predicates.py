@@ -613,7 +613,8 @@ RENAMED_RULES: Final = {"tmpl-gemma-system-role-unsupported": "tmpl-system-role-
 def current_allowances(allowances: Sequence[Allowance]) -> tuple[Allowance, ...]:
     """Allowances with renamed rule ids replaced by their current ids."""
     return tuple(
-        a.model_copy(update={"rule": RENAMED_RULES[a.rule]}) if a.rule in RENAMED_RULES else a for a in allowances
+        a.model_copy(update={"rule": RENAMED_RULES[a.rule]}) if a.rule in RENAMED_RULES else a
+        for a in allowances
     )
 
 

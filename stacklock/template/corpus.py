@@ -65,9 +65,7 @@ SYSTEM_USER = Conversation(
 )
 #: One assistant turn after the user's: what the turn terminator and prefix probes examine.
 ANSWERED = Conversation("answered", (_user(USER_1), _assistant(ASSISTANT_1)), (USER_1, ASSISTANT_1))
-MULTI_TURN = Conversation(
-    "multi-turn", (*ANSWERED.messages, _user(USER_2)), (USER_1, ASSISTANT_1, USER_2)
-)
+MULTI_TURN = Conversation("multi-turn", (*ANSWERED.messages, _user(USER_2)), (USER_1, ASSISTANT_1, USER_2))
 ASSISTANT_PREFIX = Conversation("assistant-prefix", (_user(USER_1), _assistant(PREFIX)), (USER_1, PREFIX))
 TOOL = Conversation(
     "tool-call",
@@ -86,4 +84,13 @@ PARTS = Conversation(
 EMPTY = Conversation("empty-content", (_user(""),), ())
 
 #: Every conversation the probes render, in order.
-CORPUS: tuple[Conversation, ...] = (SINGLE, SYSTEM_USER, ANSWERED, MULTI_TURN, ASSISTANT_PREFIX, TOOL, PARTS, EMPTY)
+CORPUS: tuple[Conversation, ...] = (
+    SINGLE,
+    SYSTEM_USER,
+    ANSWERED,
+    MULTI_TURN,
+    ASSISTANT_PREFIX,
+    TOOL,
+    PARTS,
+    EMPTY,
+)

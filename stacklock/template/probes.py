@@ -39,7 +39,7 @@ _T = (Link.TEMPLATE,)
 _TT = (Link.TEMPLATE, Link.TOKENIZER)
 
 
-def _check(  # noqa: PLR0913 - one declaration per probe reads best with keywords.
+def _check(
     id_: str,
     severity: Severity,
     title: str,
@@ -183,7 +183,10 @@ _STANDARD = frozenset(
     }
 )
 #: Dates far apart in every field, to see whether a render depends on the clock.
-_CLOCKS = (dt.datetime(2020, 1, 2, 3, 4, 5, tzinfo=dt.UTC), dt.datetime(2031, 11, 29, 22, 58, 59, tzinfo=dt.UTC))
+_CLOCKS = (
+    dt.datetime(2020, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+    dt.datetime(2031, 11, 29, 22, 58, 59, tzinfo=dt.UTC),
+)
 # A chat-template marker in a render; same shapes as the vocabulary's special texts the header pins.
 _MARKER = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+>|</?s>")
 # Engines that strip a template's leading BOS before tokenizing, from the version that does.
@@ -217,7 +220,7 @@ class _Renders:
         if now is None and key in self.ok:
             return self.ok[key]
         template, tokenizer = self.lock.template, self.lock.tokenizer
-        assert template.text is not None  # noqa: S101 - run_probes returns early without a template.
+        assert template.text is not None
         try:
             text = render_chat_template(
                 template.text,
@@ -289,7 +292,9 @@ def _eog_texts(lock: Lock) -> set[str]:
 
 def _specials(lock: Lock) -> set[str]:
     tokenizer = lock.tokenizer
-    return set(lock.model.special_texts) | {t for t in (tokenizer.bos_text, tokenizer.eos_text, tokenizer.eot_text) if t}
+    return set(lock.model.special_texts) | {
+        t for t in (tokenizer.bos_text, tokenizer.eos_text, tokenizer.eot_text) if t
+    }
 
 
 def _terminator(renders: _Renders) -> str | None:
