@@ -30,12 +30,12 @@ def main() -> int:
     assert text is not None
     probes, cpu, renders = [], [], []
     for _ in range(9):
-        sandbox._compile.cache_clear()  # noqa: SLF001 - a cold run, as in a fresh process.
+        sandbox._compile.cache_clear()  # A cold run, as in a fresh process.
         start, start_cpu = time.perf_counter(), time.process_time()
         run = run_probes(lock)
         probes.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-        sandbox._compile.cache_clear()  # noqa: SLF001
+        sandbox._compile.cache_clear()
         start = time.perf_counter()
         sandbox.render_chat_template(
             text,
@@ -52,7 +52,9 @@ def main() -> int:
     print(f"probes (cold), CPU: median {median_cpu * 1000:.1f} ms (target {TARGET_S * 1000:.0f} ms)")
     print(f"ratio to target: {median_cpu / TARGET_S:.2f} ({'ok' if median_cpu <= TARGET_S else 'TOO SLOW'})")
     baseline = statistics.median(renders)
-    print(f"baseline (one cold render, wall): {baseline * 1000:.1f} ms; probes/baseline: {median / baseline:.1f}x")
+    print(
+        f"baseline (one cold render, wall): {baseline * 1000:.1f} ms; probes/baseline: {median / baseline:.1f}x"
+    )
     return 0 if median_cpu <= TARGET_S else 1
 
 

@@ -92,7 +92,9 @@ def test_lock_refuses_and_check_reports_it(tmp_path: Path, cli: Cli) -> None:
     checked = cli("check", cwd=tmp_path)
     assert checked.code == 1
     assert "error: tok-pre-tokenizer-unknown-to-engine: " in checked.out
-    allowed = cli("lock", "--allow", "tok-pre-tokenizer-unknown-to-engine", "--reason", "tested", cwd=tmp_path)
+    allowed = cli(
+        "lock", "--allow", "tok-pre-tokenizer-unknown-to-engine", "--reason", "tested", cwd=tmp_path
+    )
     assert allowed.code == 0, allowed.err
 
 

@@ -27,12 +27,11 @@ from stacklock.model.lock import (
     manifest_hash,
 )
 from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
+from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
-from stacklock.rules.pretokenizers import check_pretokenizer, merged_table
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
-from stacklock.template.probes import run_probes
 from stacklock.template.sandbox import template_dialect, template_features
 
 
@@ -75,13 +74,12 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
     )
-    # Built-in probes report like rules, so --allow, lock refusal and `check` treat both alike.
+    # Built-in checks (template probes, pre-tokenizers) report like rules, so --allow, lock refusal and `check` treat both alike.
     findings = tuple(
         sorted(
             (
                 *evaluate(rules_for(inputs.registries), facts_from_lock(lock)),
-                *run_probes(lock).findings,
-                *check_pretokenizer(lock, merged_table(inputs.registries)),
+                *run_checks(lock, inputs.registries).findings,
             ),
             key=finding_sort_key,
         )

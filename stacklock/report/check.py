@@ -8,6 +8,7 @@ from typing import Any
 from stacklock.model.findings import Severity
 from stacklock.model.lock import Lock
 from stacklock.rules.check import CheckResult
+from stacklock.template.corpus import CORPUS_VERSION
 
 #: The version of ``check --format json``'s document; bumped when a key changes meaning or goes away.
 CHECK_JSON_SCHEMA_VERSION = 1
@@ -48,7 +49,7 @@ def render_check_json(result: CheckResult, lock: Lock, *, lock_sha256: str | Non
             "ran": list(covered.checks_ran),
             "skipped": [{"id": key, "reason": reason} for key, reason in covered.checks_skipped.items()],
         },
-        "probe-corpus-version": covered.corpus_version,
+        "probe-corpus-version": CORPUS_VERSION,
     }
     return json.dumps(
         {

@@ -7,24 +7,17 @@ The template probes run again from the lock's pinned template text and tokenizer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from stacklock.model.findings import Allowance, Finding, Link, Severity
 from stacklock.model.lock import Lock
-from stacklock.rules.builtin import all_checks
+from stacklock.rules.builtin import all_checks, run_checks
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import HasRules, evaluate, rules_for, triage
-from stacklock.rules.pretokenizers import FAMILY as PRETOKENIZER_FAMILY
-from stacklock.rules.pretokenizers import (
-    HasPreTokenizers,
-    check_pretokenizer,
-    merged_table,
-    pretokenizer_skipped,
-)
+from stacklock.rules.predicates import HasRules, Rule, evaluate, rules_for, triage
+from stacklock.rules.pretokenizers import HasPreTokenizers
 from stacklock.rules.versions import EngineTables, HasEngineTables, vendored_build
-from stacklock.template.probes import run_probes
 
 
 class Registry(HasRules, HasEngineTables, HasPreTokenizers, Protocol):
@@ -44,7 +37,6 @@ class Coverage:
     missing_facts: dict[str, tuple[str, ...]]
     checks_ran: tuple[str, ...]
     checks_skipped: dict[str, str]
-    corpus_version: int
 
 
 @dataclass(frozen=True)
@@ -72,31 +64,34 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
             here.pop("engine.build", None)
         else:
             here["engine.build"] = build
-        for finding in evaluate(rules, here):
+        installed = lock.engine.model_copy(update={"version": installed_engine, "build": build})
+        for finding in (
+            *evaluate(rules, here),
+            *run_checks(lock.model_copy(update={"engine": installed}), registries).findings,
+        ):
             findings.setdefault(finding.rule, finding)
-    probes = run_probes(lock)
-    known = merged_table(registries)
-    for finding in (*probes.findings, *check_pretokenizer(lock, known)):
+    builtin = run_checks(lock, registries)
+    for finding in builtin.findings:
         findings.setdefault(finding.rule, finding)
     ordered = tuple(sorted(findings.values(), key=lambda f: (_RANK[f.severity], f.rule)))
     result = triage(ordered, lock.allowances)
+    return CheckResult(
+        ordered, lock.allowances, tuple(result.blocking), _coverage(rules, facts, builtin.skipped)
+    )
+
+
+def _coverage(rules: Sequence[Rule], facts: Mapping[str, object], skipped: Mapping[str, str]) -> Coverage:
     missing = {
         rule.id: tuple(sorted(rule.when.fact_names() - facts.keys()))
         for rule in rules
         if rule.when.fact_names() - facts.keys()
     }
-    skipped = dict(probes.skipped)
-    reason = pretokenizer_skipped(lock, known)
-    if reason is not None:
-        skipped |= {c.id: reason for c in all_checks() if c.family == PRETOKENIZER_FAMILY}
-    coverage = Coverage(
+    return Coverage(
         rules=tuple(sorted(r.id for r in rules)),
         missing_facts=dict(sorted(missing.items())),
         checks_ran=tuple(c.id for c in all_checks() if c.id not in skipped),
-        checks_skipped=dict(sorted(skipped.items())),
-        corpus_version=probes.corpus_version,
+        checks_skipped=dict(skipped),
     )
-    return CheckResult(ordered, lock.allowances, tuple(result.blocking), coverage)
 
 
 def check_catalog(registries: Sequence[HasRules]) -> tuple[Finding, ...]:

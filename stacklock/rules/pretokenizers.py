@@ -10,7 +10,7 @@ pre-tokenizer; llama.cpp ignores the key for the others.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from pydantic import Field
@@ -19,7 +19,7 @@ from stacklock.errors import RegistryError
 from stacklock.model.base import Model
 from stacklock.model.findings import Finding, Link, Severity
 from stacklock.model.toml import parse_toml, validate
-from stacklock.rules.builtin import BuiltinCheck, register
+from stacklock.rules.builtin import BuiltinCheck, FamilyRun, register, register_family
 from stacklock.rules.versions import parse_build
 
 if TYPE_CHECKING:
@@ -152,3 +152,14 @@ def check_pretokenizer(lock: Lock, known: Mapping[str, PreTokenizer]) -> tuple[F
             fix=f"Upgrade {lock.engine.name} to a release that vendors llama.cpp {entry.since} or later.",
         ),
     )
+
+
+def _run(lock: Lock, registries: Sequence[HasPreTokenizers]) -> FamilyRun:
+    known = merged_table(registries)
+    reason = pretokenizer_skipped(lock, known)
+    if reason is not None:
+        return FamilyRun((), dict.fromkeys((UNKNOWN_TO_ENGINE.id, UNKNOWN.id), reason))
+    return FamilyRun(check_pretokenizer(lock, known))
+
+
+register_family(FAMILY, _run)

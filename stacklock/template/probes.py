@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +19,12 @@ from jinja2 import nodes
 from stacklock.errors import TemplateError
 from stacklock.gguf.tokenizer import EOM_TEXTS, EOT_TEXTS
 from stacklock.model.findings import Finding, Link, Severity
-from stacklock.rules.builtin import BuiltinCheck, register
+from stacklock.rules.builtin import BuiltinCheck, FamilyRun, register, register_family
 from stacklock.rules.versions import parse_version
 from stacklock.template.corpus import (
     ANSWERED,
     ASSISTANT_1,
     CORPUS,
-    CORPUS_VERSION,
     MULTI_TURN,
     SINGLE,
     Conversation,
@@ -199,12 +199,12 @@ _STRIPS_BOS_SINCE: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class ProbeRun:
-    """What the probes found, which ran, and which could not run and why (the coverage of ``check``)."""
+    """What the probes found, which ran, and which could not run and why (the coverage of ``check``); the
+    renders are those of :data:`~stacklock.template.corpus.CORPUS` at its ``CORPUS_VERSION``."""
 
     findings: tuple[Finding, ...]
     ran: tuple[str, ...]
     skipped: dict[str, str] = field(default_factory=dict)
-    corpus_version: int = CORPUS_VERSION
 
 
 @dataclass
@@ -486,3 +486,11 @@ _PROBES: tuple[tuple[Any, BuiltinCheck], ...] = (
     (_undefined, UNDEFINED_VARIABLE),
 )
 _ALL = tuple(check for _, check in _PROBES)
+
+
+def _run(lock: Lock, _registries: Sequence[Any]) -> FamilyRun:
+    run = run_probes(lock)
+    return FamilyRun(run.findings, run.skipped)
+
+
+register_family(FAMILY, _run)
