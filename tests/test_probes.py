@@ -294,3 +294,16 @@ def test_probes_are_fast_on_a_warm_template(tmp_path: Path) -> None:
     run_probes(lock)
     # The benchmark (benchmarks/bench_probes.py) measures the real figure; this only catches a pathology.
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_lock_from_before_the_probes_does_not_judge_markers(tmp_path: Path) -> None:
+    # Such a lock lists only known end-of-turn texts (here not <|im_start|>): its markers are not judged.
+    lock = lock_of(tmp_path, CHATML)
+    old = lock.model.model_copy(update={"special_texts": ("<|im_end|>",), "special_texts_complete": False})
+    run = run_probes(lock.model_copy(update={"model": old}))
+    assert run.findings == ()
+    assert run.skipped == {
+        "tmpl-marker-not-special-token": (
+            "the lock does not list every special token of the vocabulary; re-lock to probe markers"
+        )
+    }

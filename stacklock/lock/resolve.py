@@ -114,6 +114,7 @@ def _model_pin(inputs: Inputs) -> ModelPin:
         context_length=header.context_length,
         chat_template_sha256=_sha256_text(header.chat_template),
         special_texts=header.special_texts,
+        special_texts_complete=True,
         metadata=scalars,
         arrays=header.arrays,
     )

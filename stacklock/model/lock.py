@@ -68,6 +68,13 @@ class ModelPin(Model):
             "against them."
         ),
     )
+    special_texts_complete: bool = Field(
+        default=False,
+        description=(
+            "Whether special-texts lists every marker-shaped special token; locks written before the template "
+            "probes list only known end-of-turn texts, so the probes do not judge markers by them."
+        ),
+    )
     metadata: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="Every scalar GGUF metadata key (chat templates are pinned under [template]).",

@@ -187,8 +187,12 @@ _CLOCKS = (
     dt.datetime(2020, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
     dt.datetime(2031, 11, 29, 22, 58, 59, tzinfo=dt.UTC),
 )
-# A chat-template marker in a render; same shapes as the vocabulary's special texts the header pins.
-_MARKER = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+>|</?s>")
+# A turn marker in a render: ``<|...|>`` (always a special token where it is meant), ``<s>``/``</s>``, and
+# ``<start_of_turn>``-like words. XML-like tags (``<tool_response>``, ``<think>``) are left out: templates write
+# them as plain text for vocabularies that have no such token (Qwen2.5's ``<tool_response>``).
+_MARKER = re.compile(
+    r"<\|[^<>|\s]{1,64}\|>|</?s>|</?(?:[a-z0-9]+_)*(?:start|end|turn|eot|bos|eos)(?:_[a-z0-9]+)*>"
+)
 # Engines that strip a template's leading BOS before tokenizing, from the version that does.
 _STRIPS_BOS_SINCE: dict[str, tuple[str, str]] = {
     "llama-cpp-python": ("version", "0.2.77"),
@@ -341,8 +345,8 @@ def _terminator_eot(renders: _Renders) -> Finding | None:
 
 def _markers(renders: _Renders) -> Finding | None:
     specials = _specials(renders.lock)
-    if not specials:
-        raise _Skip("the lock pins no special-token texts of the vocabulary (locked before stacklock 0.2?)")
+    if not renders.lock.model.special_texts_complete:
+        raise _Skip("the lock does not list every special token of the vocabulary; re-lock to probe markers")
     missing: set[str] = set()
     for conv in CORPUS:
         for prompt in (False, True):
