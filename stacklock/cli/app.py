@@ -17,12 +17,15 @@ import typer
 
 from stacklock.errors import ExitCode, StacklockError, UsageError
 
+# Plain click help and error formatting: typer's rich formatter costs more to import than the rest of a
+# `--help` run, and the plain layout reads as well in a terminal, a CI log or a pre-commit hook.
 app = typer.Typer(
     name="stacklock",
     help="Lock and certify local LLM stacks: model file, chat template, tokenizer, engine, backend, sampler.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 ManifestOption = Annotated[
@@ -303,7 +306,9 @@ def diff(
 
 
 registry_app = typer.Typer(
-    help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True
+    help="Browse the registries: rules, known-good templates and stacks.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(registry_app, name="registry")
 
