@@ -58,7 +58,7 @@ def _typer_direct(cwd: Path, columns: int) -> str:
 
 def test_stored_help_is_current() -> None:
     text = typer_help()
-    assert help_text.TOP_LEVEL_HELP == text, "stale: run `python -m stacklock.cli.fast`"
+    assert text == help_text.TOP_LEVEL_HELP, "stale: run `python -m stacklock.cli.fast`"
     assert Path(help_text.__file__).read_text(encoding="utf-8") == render_help_module(text)
 
 
