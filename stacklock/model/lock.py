@@ -12,11 +12,9 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import tomlkit
 from pydantic import Field
-from tomlkit.items import AoT, Array
 
-from stacklock import __version__
+import stacklock
 from stacklock.errors import LockError
 from stacklock.model.base import Model
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler
@@ -257,7 +255,8 @@ def manifest_hash(data: Mapping[str, Any]) -> str:
 
 
 def created_by() -> str:
-    return f"stacklock {__version__}"
+    # Looked up when a lock is made: reading the installed metadata costs every command that imports this module.
+    return f"stacklock {stacklock.__version__}"
 
 
 def parse_lock(text: str, origin: str = LOCK_NAME) -> Lock:
@@ -273,6 +272,9 @@ def parse_lock(text: str, origin: str = LOCK_NAME) -> Lock:
 
 def render_lock(lock: Lock) -> str:
     """The lock as deterministic TOML."""
+    # tomlkit is imported only to write a lock: `check` and `lock --check` read locks and pay nothing for it.
+    import tomlkit  # noqa: PLC0415
+
     data = lock.model_dump(mode="json", by_alias=True, exclude_none=True)
     doc = tomlkit.document()
     for line in HEADER.splitlines():
@@ -295,6 +297,9 @@ def _is_array_of_tables(value: Any) -> bool:
 def _fill(container: Any, data: Mapping[str, Any], *, notes: Mapping[str, str] | None = None) -> None:
     # TOML needs a table's plain keys before its sub-tables; within each group the model's field order is kept.
     # Arrays of tables are used for the lock's top-level lists only; nested lists stay inline and compact.
+    import tomlkit  # noqa: PLC0415
+    from tomlkit.items import AoT  # noqa: PLC0415
+
     top = notes is not None
     plain = {k: v for k, v in data.items() if not _is_table(v) and not (top and _is_array_of_tables(v))}
     nested = {k: v for k, v in data.items() if k not in plain}
@@ -322,10 +327,12 @@ def _fill(container: Any, data: Mapping[str, Any], *, notes: Mapping[str, str] |
 
 
 def _item(value: Any) -> Any:
+    import tomlkit  # noqa: PLC0415
+
     if isinstance(value, str) and "\n" in value:
         return tomlkit.string(value, multiline=True)
     if isinstance(value, list):
-        array: Array = tomlkit.array()
+        array = tomlkit.array()
         for entry in value:
             array.append(_item(entry))
         if len(value) > 8 or any(isinstance(e, list | dict) for e in value):

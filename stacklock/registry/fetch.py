@@ -14,9 +14,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -80,6 +78,10 @@ def _check_http_url(name: str, url: str) -> None:
 
 def fetch_archive(name: str, url: str) -> bytes:
     """Download an archive (HTTPS, or HTTP on the loopback interface), at most 64 MiB."""
+    # urllib.request (and http.client, ssl) load only for a download, not for every registry resolution.
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
     _check_http_url(name, url)
     request = urllib.request.Request(url, headers={"User-Agent": "stacklock"})  # noqa: S310 - scheme checked above
     try:
