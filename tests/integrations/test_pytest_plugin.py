@@ -86,7 +86,7 @@ def test_without_the_option_a_lock_file_is_not_collected(recorded: Path, pyteste
     result = pytester.runpytest_subprocess(str(recorded), "-p", "no:cacheprovider")
     # pytest finds no collector for a file it does not know: the plugin stays out of suites that do not ask.
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "found no collectors" in result.stdout.str() + result.stderr.str()
+    assert "collected 0 items" in result.stdout.str()
 
 
 def test_the_marker_runs_a_test_per_smoke_prompt(recorded: Path, pytester: pytest.Pytester) -> None:
