@@ -26,16 +26,22 @@ def _tool(name: str) -> str:
 
 
 def _workflow_repo(tmp_path: Path, workflow: str) -> Path:
-    """A repository whose workflow uses the action from its root (`uses: ./`), as actionlint checks local actions."""
+    """A repository whose workflow uses the action as a local one: actionlint then checks the inputs against it."""
     repo = tmp_path / "repo"
     (repo / ".github" / "workflows").mkdir(parents=True)
-    shutil.copy(ROOT / "action.yml", repo / "action.yml")
+    (repo / ".github" / "actions" / "stacklock").mkdir(parents=True)
+    shutil.copy(ROOT / "action.yml", repo / ".github" / "actions" / "stacklock" / "action.yml")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, timeout=60)
     (repo / ".github" / "workflows" / "stacklock.yml").write_text(workflow)
     return repo
 
 
 def _example_workflow() -> str:
-    return (ROOT / "examples" / "ci" / "stacklock.yml").read_text().replace("OWNER/stacklock@v0.1.0", "./")
+    return (
+        (ROOT / "examples" / "ci" / "stacklock.yml")
+        .read_text()
+        .replace("OWNER/stacklock@v0.1.0", "./.github/actions/stacklock")
+    )
 
 
 def _actionlint(repo: Path) -> subprocess.CompletedProcess[str]:
@@ -58,7 +64,7 @@ def test_actionlint_rejects_an_input_the_action_does_not_have(tmp_path: Path) ->
     broken = _example_workflow().replace("working-directory:", "workdir:")
     result = _actionlint(_workflow_repo(tmp_path, broken))
     assert result.returncode == 1
-    assert 'input "workdir" is not defined in action' in result.stdout
+    assert 'input "workdir" is not defined in action "stacklock"' in result.stdout
 
 
 def test_the_action_runs_each_check_and_keeps_inputs_out_of_scripts() -> None:
