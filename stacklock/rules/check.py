@@ -12,7 +12,7 @@ from typing import Protocol
 
 from stacklock.model.findings import Allowance, Finding, Link, Severity
 from stacklock.model.lock import Lock
-from stacklock.rules.facts import facts_from_lock
+from stacklock.rules.facts import build_fact, facts_from_lock
 from stacklock.rules.predicates import HasRules, evaluate, rules_for, triage
 from stacklock.rules.versions import EngineTables, HasEngineTables, vendored_build
 
@@ -44,10 +44,7 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
         here = dict(facts)
         here["engine.version"] = installed_engine
         build = vendored_build(lock.engine.name, installed_engine, EngineTables.merged(registries))
-        if build is None:
-            here.pop("engine.build", None)
-        else:
-            here["engine.build"] = build
+        here["engine.build"] = None if build is None else build_fact(build.build, exact=build.exact)
         for finding in evaluate(rules, here):
             findings.setdefault(finding.rule, finding)
     ordered = tuple(sorted(findings.values(), key=lambda f: (_RANK[f.severity], f.rule)))
