@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.engines.plugins import adapter_info
+from stacklock.engines.base import EngineIdentity
+from stacklock.engines.plugins import adapter_info, load_engine
+from stacklock.errors import EngineError
 from stacklock.model.lock import parse_lock, render_lock
 from stacklock.registry.files import load_bundled_registry
 from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import AtLeast, evaluate, parse_rule
 from stacklock.rules.versions import vendored_build
+from stacklock.verify.session import check_engine_commit
 from tests.conftest import CHATML, Result
 from tests.test_facts import CHAT_SMOKE, LCP_VERSION, fired, lock_of, manifest
 
@@ -199,3 +202,46 @@ def test_a_prompt_that_may_overflow_the_context_is_found_at_lock(tmp_path: Path)
 def test_a_chat_smoke_on_the_default_context_is_fine(tmp_path: Path) -> None:
     lock = lock_of(tmp_path, manifest(smoke=CHAT_SMOKE), chat_template=CHATML)
     assert "policy-context-overflow" not in fired(lock)
+
+
+# -- The commit the engine reports is checked against the lock at record and verify ----------------------------
+
+
+def test_the_reported_commit_must_be_the_locked_one(tmp_path: Path) -> None:
+    if LCP_VERSION != "0.3.36":
+        pytest.skip(f"llama-cpp-python {LCP_VERSION} is installed here; the lock pins the installed version")
+    lock = lock_of(tmp_path, manifest())
+    same = _identity("0c1e570-dirty")
+    check_engine_commit(lock, same)  # ggml's own abbreviation of the pinned commit
+    check_engine_commit(lock, _identity(None))  # an engine that cannot say: nothing to check
+    with pytest.raises(EngineError) as caught:
+        check_engine_commit(lock, _identity("1234abc"))
+    assert caught.value.one_line().startswith(
+        "installed llama-cpp-python 0.3.36 runs llama.cpp commit 1234abc, but the lock pins 0c1e57098 "
+        "(build b11312) for that version"
+    )
+
+
+def _identity(build: str | None) -> EngineIdentity:
+    return EngineIdentity(
+        name="llama-cpp-python",
+        version="0.3.36",
+        build=build,
+        backend="cpu",
+        system_info="",
+        python="CPython 3.11",
+        platform="Linux",
+        cpu="x86_64",
+    )
+
+
+@pytest.mark.engine
+def test_the_installed_engine_reports_the_commit_its_table_row_names() -> None:
+    pytest.importorskip("llama_cpp", reason="the 'llama' extra (llama-cpp-python) is not installed")
+    engine = load_engine("llama-cpp-python")
+    identity = engine.identity()
+    row = vendored_build("llama-cpp-python", identity.version, BUNDLED)
+    assert identity.build is not None
+    assert row is not None
+    assert row.exact
+    assert BUNDLED.tables["llama-cpp-python"].build_for_commit(identity.build) == row.build

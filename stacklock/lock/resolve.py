@@ -65,7 +65,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     tables = EngineTables.merged(inputs.registries)
     engine = _engine_pin(manifest, info, inputs.installed_engine_version, tables)
     template = _template_pin(manifest, inputs.template)
-    sampler = effective_sampler(info and info.sampler_defaults, header.metadata, manifest.sampler)
+    sampler = effective_sampler(info.sampler_defaults if info else None, header.metadata, manifest.sampler)
     unrendered = tuple(
         _smoke_pin(s, _max_tokens(s.name, s.max_tokens, sampler.max_tokens, engine.name))
         for s in manifest.smoke
@@ -86,7 +86,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         template=template,
         tokenizer=inputs.header.tokenizer,
         engine=engine,
-        backend=effective_backend(info and info.backend_defaults, manifest.backend),
+        backend=effective_backend(info.backend_defaults if info else None, manifest.backend),
         sampler=sampler,
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
