@@ -5,6 +5,7 @@ release between two table rows)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ from stacklock.engines.plugins import adapter_info, load_engine
 from stacklock.errors import EngineError
 from stacklock.model.lock import parse_lock, render_lock
 from stacklock.registry.files import load_bundled_registry
+from stacklock.rules.check import check_stack
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import AtLeast, evaluate, parse_rule
-from stacklock.rules.versions import vendored_build
+from stacklock.rules.predicates import AtLeast, Rule, evaluate, parse_rule
+from stacklock.rules.versions import EngineTables, parse_engine_table, vendored_build
 from stacklock.verify.session import check_engine_commit
 from tests.conftest import CHATML, Result
 from tests.test_facts import CHAT_SMOKE, LCP_VERSION, fired, lock_of, manifest
@@ -245,3 +247,38 @@ def test_the_installed_engine_reports_the_commit_its_table_row_names() -> None:
     assert row is not None
     assert row.exact
     assert BUNDLED.tables["llama-cpp-python"].build_for_commit(identity.build) == row.build
+
+
+def test_a_user_registry_extends_the_bundled_table_of_an_engine() -> None:
+    team = parse_engine_table(
+        'engine = "llama-cpp-python"\nsource = "our build farm"\n'
+        '[[releases]]\nversion = "0.3.37"\nbuild = "b11400"\ncommit = "abcdef1"\n',
+        "team/engines/llama-cpp-python.toml",
+    )
+    tables = EngineTables.of([*BUNDLED.tables.values(), team])
+    newer = vendored_build("llama-cpp-python", "0.3.37", tables)
+    assert newer is not None
+    assert (newer.build, newer.exact, newer.commit) == (11400, True, "abcdef1")
+    older = vendored_build("llama-cpp-python", "0.3.36", tables)
+    assert older is not None
+    assert (older.build, older.exact) == (11312, True)
+
+
+@dataclass(frozen=True)
+class TeamRegistry:
+    rules: tuple[Rule, ...]
+    engines: EngineTables
+
+
+def test_check_judges_the_installed_engine_with_a_user_registry_table(tmp_path: Path) -> None:
+    lock = lock_of(tmp_path, manifest())
+    team_table = parse_engine_table(
+        'engine = "llama-cpp-python"\nsource = "ours"\n[[releases]]\nversion = "9.9"\nbuild = "b99999"\n',
+        "team/engines/llama-cpp-python.toml",
+    )
+    team = TeamRegistry(
+        (parse_rule(BUILD_RULE.format(range=">=b99999"), "rules/fixed-in-b4000.toml"),),
+        EngineTables.of([team_table]),
+    )
+    result = check_stack(lock, [load_bundled_registry(), team], installed_engine="9.9")
+    assert "fixed-in-b4000" in {f.rule for f in result.findings}

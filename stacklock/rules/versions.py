@@ -242,15 +242,27 @@ class EngineTables:
 
     @classmethod
     def merged(cls, registries: Iterable[HasEngineTables]) -> EngineTables:
-        """The tables of several registries; for an engine in more than one, the first registry's wins."""
+        """The tables of several registries, in order (the bundled one first).
+
+        For an engine in more than one, the rows are joined: a later registry adds releases the earlier ones do
+        not list (a team registry can carry the row of a release newer than this stacklock), and its row for a
+        release they do list wins.
+        """
         return cls.of(table for registry in registries for table in registry.engines.tables.values())
 
     @classmethod
     def of(cls, tables: Iterable[EngineTable]) -> EngineTables:
         by_name: dict[str, EngineTable] = {}
         for table in tables:
-            by_name.setdefault(table.engine, table)
+            earlier = by_name.get(table.engine)
+            by_name[table.engine] = table if earlier is None else _joined(earlier, table)
         return cls(by_name)
+
+
+def _joined(earlier: EngineTable, later: EngineTable) -> EngineTable:
+    rows = {parse_version(row.version): row for row in (*earlier.releases, *later.releases)}
+    ordered = tuple(rows[version] for version in sorted(rows))  # type: ignore[type-var]
+    return earlier.model_copy(update={"releases": ordered})
 
 
 def read_engine_tables(directory: Path) -> EngineTables:
