@@ -282,3 +282,9 @@ def test_check_judges_the_installed_engine_with_a_user_registry_table(tmp_path: 
     )
     result = check_stack(lock, [load_bundled_registry(), team], installed_engine="9.9")
     assert "fixed-in-b4000" in {f.rule for f in result.findings}
+
+
+def test_check_reports_the_policy_findings_lock_reported(tmp_path: Path) -> None:
+    lock = lock_of(tmp_path, manifest(sampler="temperature = 0.7"))
+    result = check_stack(lock, [load_bundled_registry()], installed_engine=None)
+    assert "policy-unseeded-sampling" in {f.rule for f in result.blocking}

@@ -47,7 +47,8 @@ DEFAULTS_UNKNOWN = register(
         explanation="stacklock knows no defaults for this engine, so the values neither the manifest nor the "
         "GGUF gives are left unknown in the lock rather than invented; the engine picks them, and an engine "
         "upgrade can change them silently.",
-        fix="Pin the values in llmstack.toml ([sampler] and [backend]) and re-lock.",
+        fix="Pin them in llmstack.toml (sampler.top-k is top-k = VALUE under [sampler], backend.* under "
+        "[backend]) and re-lock.",
     )
 )
 
