@@ -189,13 +189,6 @@ class EngineTable(Model):
         exact = parsed <= last  # type: ignore[operator]
         return VendoredBuild(parse_build(found.build), exact, found.commit if exact else None)
 
-    def build_for_commit(self, commit: str) -> int | None:
-        """The build of a vendored commit the engine reports (either may be abbreviated); None if no row has it."""
-        for row in self.releases:
-            if row.commit is not None and same_commit(row.commit, commit):
-                return parse_build(row.build)
-        return None
-
 
 def same_commit(one: str, other: str) -> bool:
     """Two git commit ids name the same commit: one is a prefix of the other, at least 7 hex digits long.
