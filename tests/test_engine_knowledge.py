@@ -269,6 +269,7 @@ def test_a_user_registry_extends_the_bundled_table_of_an_engine() -> None:
 class TeamRegistry:
     rules: tuple[Rule, ...]
     engines: EngineTables
+    pretokenizers: None = None  # no pre-tokenizer table of its own
 
 
 def test_check_judges_the_installed_engine_with_a_user_registry_table(tmp_path: Path) -> None:

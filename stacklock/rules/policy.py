@@ -28,9 +28,11 @@ that can be proved from the tokenizer kind, and says "may": no finding means no 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from stacklock.model.findings import Finding, Link, Severity
 from stacklock.model.lock import Lock, SmokePin
-from stacklock.rules.builtin import BuiltinCheck, register
+from stacklock.rules.builtin import BuiltinCheck, FamilyRun, register, register_family
 
 #: llama.cpp's "pick a random seed" sentinel (LLAMA_DEFAULT_SEED): a seed that fixes nothing.
 RANDOM_SEED = 0xFFFFFFFF
@@ -79,11 +81,14 @@ CONTEXT_OVERFLOW = register(
 )
 
 
-def policy_findings(lock: Lock) -> tuple[Finding, ...]:
-    """Every policy finding of a resolved lock (pure)."""
+def policy_findings(lock: Lock, _registries: Sequence[object] = ()) -> FamilyRun:
+    """Every policy finding of a resolved lock (pure); the family's runner, for ``lock`` and ``check`` alike."""
     found = [_defaults_unknown(lock), _unseeded(lock)]
     found += [_overflow(lock, pin) for pin in lock.smoke]
-    return tuple(f for f in found if f is not None)
+    return FamilyRun(tuple(f for f in found if f is not None))
+
+
+register_family(FAMILY, policy_findings)
 
 
 def _defaults_unknown(lock: Lock) -> Finding | None:
