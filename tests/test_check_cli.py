@@ -39,6 +39,9 @@ source = "gguf"
 name = "llama-cpp-python"
 version = "=={LCP_VERSION}"
 
+[sampler]
+temperature = 0.0
+
 [backend]
 kind = "cpu"
 

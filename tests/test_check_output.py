@@ -30,6 +30,9 @@ source = "model.gguf"
 [template]
 source = "gguf"
 
+[sampler]
+temperature = 0.0
+
 [engine]
 name = "llama-cpp-python"
 version = "=={LCP_VERSION}"

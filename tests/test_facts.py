@@ -33,12 +33,14 @@ RAW_SMOKE = """
 [[smoke]]
 name = "raw"
 prompt = "Once upon a time"
+max-tokens = 4
 """
 
 CHAT_SMOKE = """
 [[smoke]]
 name = "hello"
 messages = [{ role = "user", content = "Hello" }]
+max-tokens = 4
 """
 
 SYSTEM_SMOKE = """
@@ -66,11 +68,13 @@ def manifest(
     engine: str = "llama-cpp-python",
     version: str = f"=={LCP_VERSION}",
     backend: str = "",
+    sampler: str = "temperature = 0.0",
     smoke: str = RAW_SMOKE,
 ) -> str:
     return (
         f'[stack]\nname = "facts"\n\n[model]\nsource = "tiny.gguf"\n\n[template]\nsource = "{template}"\n\n'
-        f'[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n{backend}\n{smoke}'
+        f'[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n{backend}\n'
+        f"[sampler]\n{sampler}\n{smoke}"
     )
 
 

@@ -7,12 +7,13 @@ import os
 from pathlib import Path
 
 from stacklock.engines.machine import installed_engine_version
+from stacklock.engines.plugins import adapter_info
 from stacklock.gguf.reader import read_gguf
 from stacklock.registry.files import bundled_templates_for
 from stacklock.template.sandbox import template_features
 
-#: The engine version a starter manifest asks for when no engine is installed: the one stacklock is tested with.
-TESTED_ENGINE_VERSION = "0.3.36"
+#: The engine a starter manifest names: the embedded one, which runs without a server.
+STARTER_ENGINE = "llama-cpp-python"
 
 
 def _toml_str(value: str) -> str:
@@ -64,8 +65,9 @@ def starter_manifest(gguf_path: Path, manifest_dir: Path) -> tuple[str, list[str
                 "set template.source to 'file:TEMPLATE.jinja' to test chats"
             )
 
-    installed = installed_engine_version("llama-cpp-python")
-    engine_version = installed or TESTED_ENGINE_VERSION
+    # Without the engine installed, the version its adapter says stacklock is tested with.
+    info = adapter_info(STARTER_ENGINE)
+    engine_version = installed_engine_version(STARTER_ENGINE) or (info and info.tested_version)
     smoke = [
         "[[smoke]]",
         'name = "completion"',
@@ -104,8 +106,8 @@ def starter_manifest(gguf_path: Path, manifest_dir: Path) -> tuple[str, list[str
         'source = "gguf"',
         "",
         "[engine]",
-        'name = "llama-cpp-python"',
-        f'version = "=={engine_version}"',
+        f"name = {_toml_str(STARTER_ENGINE)}",
+        f'version = "=={engine_version}"' if engine_version else 'version = ""',
         "",
         "[backend]",
         'kind = "cpu"',

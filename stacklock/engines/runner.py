@@ -173,7 +173,9 @@ def _child(payload: dict[str, Any], sender: Any) -> None:
                     add_bos=job["add_bos"],
                     sampler=lock.sampler,
                     max_tokens=job["max_tokens"],
-                    stop=lock.sampler.stop,
+                    # Unknown stop strings (an engine whose defaults stacklock does not know): stacklock asks
+                    # for none, and the engine applies whatever it applies on its own.
+                    stop=lock.sampler.stop or (),
                     top_k=payload["top_k"],
                 )
                 observations[job["name"]] = seen.model_dump_json()

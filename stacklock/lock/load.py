@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stacklock.engines.base import AdapterInfo
 from stacklock.engines.machine import installed_engine_version
+from stacklock.engines.plugins import adapter_info
 from stacklock.errors import SourceError, TemplateError
 from stacklock.files.digest import FileDigests, HashCache, HashProgress
 from stacklock.gguf.header import HeaderCache, ModelHeader, header_from_gguf
@@ -50,6 +52,8 @@ class Inputs:
     template: ResolvedTemplate
     installed_engine_version: str | None
     registries: tuple[LoadedRegistry, ...] = field(default=())
+    #: What the engine's adapter declares; None when no adapter is registered for the manifest's engine.
+    adapter: AdapterInfo | None = None
 
 
 def load_inputs(
@@ -111,6 +115,7 @@ def load_inputs(
         template=load_template(manifest, header, base, registries),
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
+        adapter=adapter_info(manifest.engine.name),
     )
 
 

@@ -146,7 +146,18 @@ class EnginePin(Model):
     version: str = Field(description="The exact version that will be used.")
     build: int | None = Field(
         default=None,
-        description="The llama.cpp build the engine carries (a lower bound for wrappers), when known.",
+        description="The llama.cpp build the engine carries, when known: exact when build-exact is true, "
+        "else a lower bound (a wrapper release between two rows of its registry table).",
+    )
+    build_exact: bool = Field(
+        default=False,
+        description="Whether build is exact; false: the engine carries this build or a later one. Locks "
+        "written before this key read as lower bounds.",
+    )
+    commit: str | None = Field(
+        default=None,
+        description="The llama.cpp commit the engine vendors, from the registry's table; record and verify "
+        "check the commit the engine reports against it.",
     )
 
 

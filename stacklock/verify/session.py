@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stacklock import errors
+from stacklock.engines.base import EngineIdentity
 from stacklock.engines.machine import current_environment, installed_engine_version
 from stacklock.engines.runner import Job, run_engine
 from stacklock.errors import EngineError, StacklockError
@@ -25,6 +26,7 @@ from stacklock.lock.resolve import pin_model
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import FilePin, Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
+from stacklock.rules.versions import same_commit
 from stacklock.sources.model import fetch_model, parse_model_source
 from stacklock.verify.compare import (
     StageResult,
@@ -48,6 +50,23 @@ def check_engine(lock: Lock) -> None:
             f"installed {lock.engine.name} {installed} is not the locked {lock.engine.version}",
             hint=f"pip install '{lock.engine.name}=={lock.engine.version}', or re-lock and re-record on {installed}",
         )
+
+
+def check_engine_commit(lock: Lock, identity: EngineIdentity) -> None:
+    """After the engine started: the llama.cpp commit it reports must be the one the lock pins.
+
+    The lock pins the commit from the registry's engine table (the row that gave its exact build); an engine
+    built from other sources (a git checkout, a patched vendor tree) carries another build under the same
+    version, and every build-range rule was judged for the wrong one.
+    """
+    pinned, reported = lock.engine.commit, identity.build
+    if pinned is None or reported is None or same_commit(pinned, reported):
+        return
+    raise EngineError(
+        f"installed {lock.engine.name} {identity.version} runs llama.cpp commit {reported}, but the lock pins "
+        f"{pinned} (build b{lock.engine.build}) for that version",
+        hint="reinstall the released package, or re-lock with a registry engine table whose row names this commit",
+    )
 
 
 def locate(location: str, base: Path) -> Path | None:
@@ -99,6 +118,7 @@ def record(lock_path: Path, *, top_k: int = 5) -> Lock:
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
     run = run_engine(lock, _require_model(lock, base), [_job(lock, p) for p in lock.smoke], top_k=top_k)
+    check_engine_commit(lock, run.identity)
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
         for pin in lock.smoke
@@ -191,6 +211,7 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
     run = run_engine(lock, model_path, jobs, top_k=lock.recording.top_k if lock.recording else 5)
+    check_engine_commit(lock, run.identity)
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
