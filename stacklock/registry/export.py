@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stacklock.errors import RegistryError
-from stacklock.files.atomic import write_text_atomic
+from stacklock.files.atomic import file_error, write_text_atomic
 from stacklock.registry.files import STACK_FILES, StackMeta, parse_stack_entry
 
 # -- Sharing a stack -----------------------------------------------------------------------------------------
@@ -67,7 +67,10 @@ def export_stack_entry(
         raise RegistryError(
             f"{target}: a stack entry with this name exists; choose another name or overwrite it"
         )
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_error("create", target, exc) from None
     for filename, data in files.items():
         write_text_atomic(target / filename, data.decode())
     on_disk = {f: (target / f).read_bytes() for f in STACK_FILES}
