@@ -162,6 +162,7 @@ def test_check_names_the_pinned_file_whose_hash_changed(tmp_path: Path, cli: Cli
     assert result.code == 1
     now = hashlib.sha256(model.read_bytes()).hexdigest()
     assert result.err == (
+        "hashing tiny.gguf\n"  # The reporter's one line per step, on a pipe.
         f"error: llmstack.lock is stale: model.sha256 is '{locked.model.sha256}' in the lock but '{now}' now; "
         "run `stacklock lock` to re-pin, or restore the input that changed\n"
     )
@@ -209,8 +210,9 @@ def test_malformed_gguf_is_one_line(tmp_path: Path, cli: Cli) -> None:
     model.write_bytes(model.read_bytes()[:100])
     result = cli("lock", cwd=project)
     assert result.code == 2
-    assert result.err.count("\n") == 1
-    assert result.err.startswith("error: ")
+    step, error = result.err.splitlines()
+    assert step == "hashing tiny.gguf"
+    assert error.startswith("error: ")
     assert "tiny.gguf" in result.err
     assert "byte" in result.err
     assert "Traceback" not in result.err
@@ -221,7 +223,8 @@ def test_chat_smoke_without_a_template_is_explained(tmp_path: Path, cli: Cli) ->
     (tmp_path / "llmstack.toml").write_text(PINNED_MANIFEST)
     result = cli("lock", cwd=tmp_path)
     assert result.code != 0
-    assert result.err.count("\n") == 1
+    assert result.err.splitlines()[0] == "hashing tiny.gguf"
+    assert result.err.count("\n") == 2
 
 
 def test_init_then_lock_then_check(tiny_project: Path, cli: Cli) -> None:

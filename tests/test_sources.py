@@ -393,5 +393,6 @@ def test_lock_hub_errors_exit_with_one_line(
     hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
     project = _hub_project(tmp_path, source)
     result = cli("lock", *(["--offline"] if offline else []), cwd=project)
-    assert (result.code, result.err) == (code, error)
+    step = f"fetching {source}"
+    assert (result.code, result.err) == (code, f"{step}\n{error}")
     assert not (project / "llmstack.lock").exists()

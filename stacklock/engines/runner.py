@@ -81,7 +81,8 @@ def run_engine(
     }
     doing = "starting the engine"
     message: dict[str, Any] | None = None
-    reporter.step_started(doing)
+    # Each step the child reports is a step of the reporter; "starting the engine" is only ours.
+    reported = False
     try:
         process = context.Process(target=_child, args=(payload, sender), daemon=True)
         process.start()
@@ -92,8 +93,9 @@ def run_engine(
             except EOFError:
                 break
             if received["kind"] == "at":
-                reporter.step_finished(doing)
-                doing = received["doing"]
+                if reported:
+                    reporter.step_finished(doing)
+                doing, reported = received["doing"], True
                 reporter.step_started(doing)
                 if received.get("total"):
                     reporter.progress(doing, received["done"], received["total"])
@@ -105,7 +107,8 @@ def run_engine(
         log_path.unlink(missing_ok=True)
         raise
     finally:
-        reporter.step_finished(doing)
+        if reported:
+            reporter.step_finished(doing)
     if message is None:
         raise _crash(lock.engine.name, process.exitcode, doing, log_path)
     log_path.unlink(missing_ok=True)
