@@ -13,7 +13,7 @@ from typing import Protocol
 from stacklock.model.findings import Allowance, Finding, Link, Severity
 from stacklock.model.lock import Lock
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import HasRules, evaluate, rules_for, triage
+from stacklock.rules.predicates import HasRules, evaluate, judge, rules_for
 from stacklock.rules.versions import EngineTables, HasEngineTables, vendored_build
 
 
@@ -29,6 +29,8 @@ class CheckResult:
     findings: tuple[Finding, ...]
     allowances: tuple[Allowance, ...]
     blocking: tuple[Finding, ...]
+    stale: tuple[Allowance, ...] = ()
+    """The lock's allowances that match no error finding any more; ``stacklock lock`` would drop them."""
 
     @property
     def ok(self) -> bool:
@@ -51,8 +53,8 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
         for finding in evaluate(rules, here):
             findings.setdefault(finding.rule, finding)
     ordered = tuple(sorted(findings.values(), key=lambda f: (_RANK[f.severity], f.rule)))
-    result = triage(ordered, lock.allowances)
-    return CheckResult(ordered, lock.allowances, tuple(result.blocking))
+    judgement = judge(ordered, carried=lock.allowances)
+    return CheckResult(ordered, lock.allowances, judgement.blocking, judgement.stale)
 
 
 _RANK = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
