@@ -361,7 +361,11 @@ def test_an_engine_crash_is_exit_3_with_one_clear_line(tmp_path: Path, cli: Cli)
         assert result.code == 3
         assert result.out == ""
         *steps, error = result.err.splitlines()
-        assert steps == ["loading the engine", "loading the model tiny.gguf", "running the smoke prompt 'hello'"]
+        assert steps == [
+            "loading the engine",
+            "loading the model tiny.gguf",
+            "running the smoke prompt 'hello'",
+        ]
         assert error.startswith(
             "error: the engine (llama-cpp-python) crashed (signal SIGABRT) while running the smoke prompt "
             "'hello': terminate called after throwing an instance of 'std::out_of_range' | "

@@ -302,7 +302,9 @@ def test_lock_and_check_judge_allowances_alike(tmp_path: Path, cli: Cli) -> None
     inputs = load_inputs(project / "llmstack.toml")
     relocked = resolve(inputs, carried=locked.allowances)
     checked = check_stack(locked, inputs.registries, locked.engine.version)
-    assert [f.rule for f in relocked.blocking] == [f.rule for f in checked.blocking] == ["team-no-tiny-models"]
+    assert (
+        [f.rule for f in relocked.blocking] == [f.rule for f in checked.blocking] == ["team-no-tiny-models"]
+    )
     assert relocked.stale == checked.stale == (stale,)
     assert relocked.lock.allowances == tuple(a for a in locked.allowances if a != stale)
 
@@ -317,6 +319,6 @@ def test_lock_and_check_judge_allowances_alike(tmp_path: Path, cli: Cli) -> None
     assert relock.code == 1
     assert relock.err.splitlines()[-2:] == [
         "note: dropped the allowance for rule tok-double-bos: it matches no error finding now",
-        f"error: rule team-no-tiny-models: Tiny models are not for production; Use a real model. — or accept "
+        "error: rule team-no-tiny-models: Tiny models are not for production; Use a real model. — or accept "
         "it with --allow team-no-tiny-models --reason TEXT",
     ]

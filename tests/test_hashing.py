@@ -23,7 +23,12 @@ def test_sha256_matches_hashlib(tmp_path: Path) -> None:
     assert sha256_file(path, reporter) == hashlib.sha256(path.read_bytes()).hexdigest()
     total = (3 << 20) + 17
     assert reporter.calls[0] == ("started", f"hashing {path.name}")
-    assert reporter.progress_of(f"hashing {path.name}") == [(1 << 20, total), (2 << 20, total), (3 << 20, total), (total, total)]
+    assert reporter.progress_of(f"hashing {path.name}") == [
+        (1 << 20, total),
+        (2 << 20, total),
+        (3 << 20, total),
+        (total, total),
+    ]
     assert reporter.calls[-1] == ("finished", f"hashing {path.name}")
 
 

@@ -25,7 +25,9 @@ def lock_stack(
     inputs = load_inputs(manifest_path, use_cache=use_cache, reporter=reporter, offline=offline)
     resolution = resolve(inputs, allow, carried)
     for allowance in resolution.stale:
-        reporter.event(f"note: dropped the allowance for rule {allowance.rule}: it matches no error finding now")
+        reporter.event(
+            f"note: dropped the allowance for rule {allowance.rule}: it matches no error finding now"
+        )
     if resolution.blocking:
         first = resolution.blocking[0]
         more = f" (and {len(resolution.blocking) - 1} more)" if len(resolution.blocking) > 1 else ""
