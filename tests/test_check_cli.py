@@ -319,6 +319,8 @@ def test_lock_and_check_judge_allowances_alike(tmp_path: Path, cli: Cli) -> None
     assert relock.code == 1
     assert relock.err.splitlines()[-2:] == [
         "note: dropped the allowance for rule tok-double-bos: it matches no error finding now",
-        "error: rule team-no-tiny-models: Tiny models are not for production; Use a real model. — or accept "
-        "it with --allow team-no-tiny-models --reason TEXT",
+        (
+            "error: rule team-no-tiny-models: Tiny models are not for production; Use a real model. — or accept "
+            "it with --allow team-no-tiny-models --reason TEXT"
+        ),
     ]
