@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from stacklock.model.lock import parse_lock, render_lock
+from stacklock.model.lock import created_by, parse_lock, render_lock
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
 
@@ -327,3 +328,37 @@ def test_split_model_pins_every_part(tmp_path: Path, cli: Cli) -> None:
     result = cli("lock", "--check", cwd=tmp_path)
     assert result.code == 1
     assert f"model.parts[{len(parts) - 2}].sha256" in result.err
+
+
+def test_a_lock_from_a_newer_stacklock_is_refused_naming_both_versions(tmp_path: Path, cli: Cli) -> None:
+    project = _project(tmp_path)
+    assert cli("lock", cwd=project).code == 0
+    path = project / "llmstack.lock"
+    newer = path.read_text().replace("lock-version = 1", "lock-version = 2").replace(
+        f'created-by = "{created_by()}"', 'created-by = "stacklock 9.0.0"'
+    )
+    path.write_text(newer)
+    expected = (
+        f"error: llmstack.lock: lock-version 2 (written by stacklock 9.0.0) is newer than {created_by()} reads "
+        "(lock-version 1); upgrade stacklock; re-locking with this version would discard what the newer one "
+        "pinned\n"
+    )
+    for command in (["check"], ["verify"], ["lock", "--check"], ["lock"]):
+        result = cli(*command, cwd=project)
+        assert (result.code, result.err) == (2, expected), command
+    # `lock` did not replace the newer lock with an older format.
+    assert path.read_text() == newer
+
+
+def test_a_lock_with_a_prefixed_manifest_hash_stays_fresh(tmp_path: Path, cli: Cli) -> None:
+    # Locks written before the one digest format carried `manifest-hash = "sha256:<hex>"`.
+    project = _project(tmp_path)
+    assert cli("lock", cwd=project).code == 0
+    path = project / "llmstack.lock"
+    text = path.read_text()
+    digest = parse_lock(text).manifest_hash
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    path.write_text(text.replace(f'manifest-hash = "{digest}"', f'manifest-hash = "sha256:{digest}"'))
+    assert parse_lock(path.read_text()).manifest_hash == digest
+    result = cli("lock", "--check", cwd=project)
+    assert result.code == 0, result.err
