@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -334,8 +335,10 @@ def test_a_lock_from_a_newer_stacklock_is_refused_naming_both_versions(tmp_path:
     project = _project(tmp_path)
     assert cli("lock", cwd=project).code == 0
     path = project / "llmstack.lock"
-    newer = path.read_text().replace("lock-version = 1", "lock-version = 2").replace(
-        f'created-by = "{created_by()}"', 'created-by = "stacklock 9.0.0"'
+    newer = (
+        path.read_text()
+        .replace("lock-version = 1", "lock-version = 2")
+        .replace(f'created-by = "{created_by()}"', 'created-by = "stacklock 9.0.0"')
     )
     path.write_text(newer)
     expected = (
@@ -362,3 +365,17 @@ def test_a_lock_with_a_prefixed_manifest_hash_stays_fresh(tmp_path: Path, cli: C
     assert parse_lock(path.read_text()).manifest_hash == digest
     result = cli("lock", "--check", cwd=project)
     assert result.code == 0, result.err
+
+
+def test_init_writes_valid_toml_for_any_model_name(tmp_path: Path, cli: Cli) -> None:
+    # The model's own name goes into the description: quotes, backslashes and a DEL character (which JSON
+    # leaves raw but TOML forbids in a string) must come out as valid TOML, so tomlkit writes it.
+    name = 'tiny "q" \\ \x7f ü'
+    build_tiny_gguf(tmp_path / "tiny.gguf", chat_template=CHATML, name=name)
+    assert cli("init", "tiny.gguf", cwd=tmp_path).code == 0
+    manifest = tomllib.loads((tmp_path / "llmstack.toml").read_text(encoding="utf-8"))
+    assert manifest["stack"]["description"] == f"{name} (llama, F32) on CPU"
+    assert manifest["smoke"][0]["messages"] == [
+        {"role": "user", "content": "Say hello in one short sentence."}
+    ]
+    assert cli("lock", cwd=tmp_path).code == 0

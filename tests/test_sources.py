@@ -321,7 +321,9 @@ def test_a_hub_cache_that_cannot_be_written_is_not_a_network_error(
     hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
     with pytest.raises(SourceError) as info:
         _fetch(f"hf://{REPO}/tiny.gguf")
-    assert str(info.value).startswith(f"model.source: hf://{REPO}@main/tiny.gguf: cannot write the hub cache: ")
+    assert str(info.value).startswith(
+        f"model.source: hf://{REPO}@main/tiny.gguf: cannot write the hub cache: "
+    )
     assert "Not a directory" in str(info.value)
     assert str(info.value).endswith("; free disk space, or point HF_HUB_CACHE at a writable directory")
     assert info.value.exit_code == ExitCode.BAD_INPUT

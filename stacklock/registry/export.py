@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import tomlkit
 
 from stacklock.errors import RegistryError
 from stacklock.files.atomic import file_error, write_text_atomic
@@ -15,12 +16,14 @@ from stacklock.registry.files import STACK_FILES, StackMeta, parse_stack_entry
 
 
 def render_stack_meta(meta: StackMeta) -> str:
-    lines = [f"name = {json.dumps(meta.name)}", f"title = {json.dumps(meta.title, ensure_ascii=False)}"]
+    """A stack entry's ``stack.toml``: the empty description and tags are left out."""
+    doc = tomlkit.document()
+    doc.update({"name": meta.name, "title": meta.title})
     if meta.description:
-        lines.append(f"description = {json.dumps(meta.description, ensure_ascii=False)}")
+        doc["description"] = meta.description
     if meta.tags:
-        lines.append(f"tags = [{', '.join(json.dumps(t, ensure_ascii=False) for t in meta.tags)}]")
-    return "\n".join(lines) + "\n"
+        doc["tags"] = list(meta.tags)
+    return tomlkit.dumps(doc)
 
 
 StackValidator = Callable[[str, str, Mapping[str, Any]], None]
