@@ -32,7 +32,7 @@ def sha256_text(text: str) -> str:
 
 
 def canonical_digest(value: str) -> str:
-    """A digest as read from a file, in the one format: locks written before 0.2 prefixed ``sha256:``."""
+    """A digest as read from a file, in the one format: earlier locks prefixed ``manifest-hash`` with ``sha256:``."""
     return value.removeprefix("sha256:")
 
 
