@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import IO
 
@@ -29,6 +30,8 @@ from rich.progress import (
 from rich.text import Text
 
 from stacklock.reporter import Reporter
+
+_REDRAW_S = 0.1
 
 # Steps whose progress counts bytes; the others count items (smoke prompts).
 _BYTE_STEPS = ("hashing ", "fetching ")
@@ -68,28 +71,47 @@ class _Amount(ProgressColumn):
 
 
 class BarReporter(Reporter):
-    """A rich progress bar per running step, removed when the step ends: for terminals."""
+    """A rich progress bar per running step, removed when the step ends: for terminals.
+
+    The bars are redrawn from the hooks, not by rich's refresh thread: the engine's child process is forked
+    only from a single-threaded process (see :mod:`stacklock.engines.runner`), and a thread would force the
+    slower spawn. Progress redraws at most ten times a second, so hashing a large file is not slowed.
+    """
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
         self._tasks: dict[str, TaskID] = {}
+        self._totals: dict[str, int] = {}
+        self._drawn = 0.0
 
     def step_started(self, name: str) -> None:
         if name not in self._tasks:
             self._tasks[name] = self._progress.add_task(name, total=None)
+            self._draw()
 
     def progress(self, step: str, done: int, total: int) -> None:
         task = self._tasks.get(step)
-        if task is not None:
-            self._progress.update(task, completed=done, total=total or None)
+        if task is None:
+            return
+        self._progress.update(task, completed=done, total=total or None)
+        news = self._totals.get(step) != total or done >= total
+        self._totals[step] = total
+        if news or time.monotonic() - self._drawn >= _REDRAW_S:
+            self._draw()
 
     def step_finished(self, name: str) -> None:
         task = self._tasks.pop(name, None)
+        self._totals.pop(name, None)
         if task is not None:
             self._progress.remove_task(task)
+            self._draw()
 
     def event(self, message: str) -> None:
         self._progress.console.print(message, markup=False, highlight=False)
+
+    def _draw(self) -> None:
+        self._progress.refresh()
+        self._drawn = time.monotonic()
 
 
 def draws_bars(console: Console) -> bool:
@@ -112,5 +134,5 @@ def cli_reporter(stream: IO[str] | None = None) -> Iterator[Reporter]:
         _Amount(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, auto_refresh=False) as progress:
         yield BarReporter(progress)
