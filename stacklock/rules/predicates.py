@@ -609,6 +609,18 @@ class Judgement(Model):
         return not self.blocking
 
 
+#: Rules renamed to say what they detect: old id → new id. An allowance of the old id accepts the new one.
+RENAMED_RULES: Final = {"tmpl-gemma-system-role-unsupported": "tmpl-system-role-rejected-by-engine"}
+
+
+def current_allowances(allowances: Sequence[Allowance]) -> tuple[Allowance, ...]:
+    """Allowances with renamed rule ids replaced by their current ids."""
+    return tuple(
+        a.model_copy(update={"rule": RENAMED_RULES[a.rule]}) if a.rule in RENAMED_RULES else a
+        for a in allowances
+    )
+
+
 def judge(
     findings: Sequence[Finding], *, given: Sequence[Allowance] = (), carried: Sequence[Allowance] = ()
 ) -> Judgement:
@@ -620,6 +632,8 @@ def judge(
     and a re-lock drops it (check reports it, so the two agree on the same lock). A given allowance wins over a
     carried one for the same rule (its reason is newer).
     """
+    given = current_allowances(given)
+    carried = current_allowances(carried)
     errors = [f for f in findings if f.severity is Severity.ERROR]
     error_ids = {f.rule for f in errors}
     chosen: dict[str, Allowance] = {}
