@@ -8,7 +8,6 @@ read-only protocols (:class:`SamplerSettings`, :class:`BackendSettings`), so tha
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import Field
@@ -239,7 +238,7 @@ class Engine(Protocol):
 
 def sha256_tokens(tokens: Sequence[int]) -> str:
     """The digest of a token sequence: sha256 of the ids written in decimal, joined by commas."""
-    return hashlib.sha256(",".join(str(t) for t in tokens).encode("ascii")).hexdigest()
+    return sha256_text(",".join(str(t) for t in tokens))
 
 
 def observe(

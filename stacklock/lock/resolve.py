@@ -30,7 +30,7 @@ from stacklock.gguf.structure import check_structure
 from stacklock.lock.load import Inputs, ResolvedTemplate, _rel
 from stacklock.lock.smoke import _rendered, _smoke_pin
 from stacklock.model.effective import effective_backend, effective_sampler
-from stacklock.model.findings import Allowance, Finding, Severity
+from stacklock.model.findings import Allowance, Finding
 from stacklock.model.lock import (
     LOCK_VERSION,
     EnginePin,
@@ -45,7 +45,7 @@ from stacklock.model.lock import (
 from stacklock.model.manifest import Manifest
 from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
+from stacklock.rules.predicates import evaluate, finding_sort_key, judge, rules_for
 from stacklock.rules.versions import EngineTables, is_build_requirement, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
@@ -55,13 +55,16 @@ from stacklock.template.sandbox import template_dialect, template_features
 class Resolution:
     lock: Lock
     blocking: tuple[Finding, ...]
+    stale: tuple[Allowance, ...] = ()
+    """The previous lock's allowances that match no error finding any more: dropped from the new lock."""
 
 
 def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[Allowance] = ()) -> Resolution:
     """Turn inputs into a lock; pure.
 
     ``allow`` are allowances given now: one that matches no error finding blocks the lock. ``carried`` are the
-    previous lock's allowances: kept while their rule still fires, dropped silently once it no longer does.
+    previous lock's allowances: kept while their rule still fires, dropped (``stale``) once it no longer does.
+    Both are judged by :func:`~stacklock.rules.predicates.judge`, as ``stacklock check`` judges a lock.
     """
     manifest = inputs.manifest
     header = inputs.header
@@ -106,14 +109,11 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
             key=finding_sort_key,
         )
     )
-    fired = {f.rule for f in findings if f.severity is Severity.ERROR}
-    given = {a.rule for a in allow}
-    kept = [a for a in carried if a.rule in fired and a.rule not in given]
-    blocking, allowed = split_allowed(findings, [*allow, *kept])
-    if render_error is not None and not blocking:
+    judgement = judge(findings, given=allow, carried=carried)
+    if render_error is not None and judgement.ok:
         raise render_error
-    lock = lock.model_copy(update={"findings": findings, "allowances": allowed})
-    return Resolution(lock, blocking)
+    lock = lock.model_copy(update={"findings": findings, "allowances": judgement.allowances})
+    return Resolution(lock, judgement.blocking, judgement.stale)
 
 
 def _model_pin(inputs: Inputs) -> ModelPin:

@@ -684,22 +684,25 @@ def _cannot_tell(rule: Rule, bounded: Mapping[str, int], registry: str | None) -
     )
 
 
-class Triage(Model):
-    """Findings split by what they mean for ``stacklock lock``, given the user's allowances."""
+class Judgement(Model):
+    """Findings judged against allowances: the one algorithm ``stacklock lock`` and ``stacklock check`` share."""
 
-    blocking: tuple[Finding, ...] = Field(description="Error findings no allowance covers: the lock stops.")
-    allowed: tuple[Finding, ...] = Field(description="Error findings the user accepted with --allow.")
-    recorded: tuple[Finding, ...] = Field(
-        description="Warnings and info: printed and recorded, never blocking."
+    blocking: tuple[Finding, ...] = Field(
+        description="Error findings no allowance covers, and one error (registry 'lock') per allowance given "
+        "now that matches no error finding: the lock stops, check fails."
     )
-    unused: tuple[Allowance, ...] = Field(
-        description="Allowances that match no error finding; the user must remove them."
+    allowed: tuple[Finding, ...] = Field(description="Error findings an allowance covers.")
+    allowances: tuple[Allowance, ...] = Field(
+        description="The allowances that cover an error finding, given ones first: what the lock records."
     )
-    problems: tuple[str, ...] = Field(description="One line per blocking finding or unused allowance.")
+    stale: tuple[Allowance, ...] = Field(
+        description="Carried allowances (from the lock) that match no error finding any more: a re-lock drops "
+        "them, check reports them."
+    )
 
     @property
     def ok(self) -> bool:
-        return not self.blocking and not self.unused
+        return not self.blocking
 
 
 #: Rules renamed to say what they detect: old id → new id. An allowance of the old id accepts the new one.
@@ -714,78 +717,60 @@ def current_allowances(allowances: Sequence[Allowance]) -> tuple[Allowance, ...]
     )
 
 
-def triage(findings: Sequence[Finding], allowances: Sequence[Allowance]) -> Triage:
-    """Split findings into blocking errors, allowed errors and recorded warnings/info.
+def judge(
+    findings: Sequence[Finding], *, given: Sequence[Allowance] = (), carried: Sequence[Allowance] = ()
+) -> Judgement:
+    """Judge findings against the allowances given now (``--allow``) and those carried in a lock.
 
-    An allowance that matches no error finding is itself a problem: left in the lock, it would silently accept
-    the rule the day it fires for a different reason. The user must remove it.
+    An allowance accepts one error finding by rule id. Given now, an allowance that matches no error finding
+    blocks: left in the lock, it would silently accept the rule the day it fires for a different reason, so
+    the user must not add it. Carried from a lock, such an allowance is stale: it was right when it was given,
+    and a re-lock drops it (check reports it, so the two agree on the same lock). A given allowance wins over a
+    carried one for the same rule (its reason is newer).
     """
-    allowances = current_allowances(allowances)
-    allowed_ids = {a.rule for a in allowances}
+    given = current_allowances(given)
+    carried = current_allowances(carried)
     errors = [f for f in findings if f.severity is Severity.ERROR]
-    blocking = tuple(f for f in errors if f.rule not in allowed_ids)
-    allowed = tuple(f for f in errors if f.rule in allowed_ids)
-    recorded = tuple(f for f in findings if f.severity is not Severity.ERROR)
     error_ids = {f.rule for f in errors}
-    other_severity = {f.rule: f.severity for f in recorded}
-    unused: list[Allowance] = []
-    problems = [f"rule '{f.rule}' ({f.registry}): {f.title}; {f.fix}" for f in blocking]
-    seen: set[str] = set()
-    for allowance in allowances:
-        if allowance.rule in error_ids or allowance.rule in seen:
-            continue
-        seen.add(allowance.rule)
-        unused.append(allowance)
-        if allowance.rule in other_severity:
-            problems.append(
-                f"--allow {allowance.rule}: the rule is a {other_severity[allowance.rule].value}, which "
-                "never "
-                "blocks a lock; remove the allowance"
-            )
-        else:
-            problems.append(
-                f"--allow {allowance.rule}: the rule found no error in this stack; remove the allowance, "
-                "or it would accept a future error unseen"
-            )
-    return Triage(
-        blocking=blocking, allowed=allowed, recorded=recorded, unused=tuple(unused), problems=tuple(problems)
-    )
-
-
-def split_allowed(
-    findings: Sequence[Finding], allowances: Sequence[Allowance]
-) -> tuple[tuple[Finding, ...], tuple[Allowance, ...]]:
-    """(blocking findings, the allowances that were used), for ``stacklock lock``.
-
-    Blocking: error findings no allowance covers, plus one error finding (registry ``lock``) per allowance
-    that matches no error finding, telling the user to remove it. The allowances returned are the ones to
-    record.
-    """
-    allowances = current_allowances(allowances)
-    result = triage(findings, allowances)
-    used = tuple(a for a in allowances if a.rule in {f.rule for f in result.allowed})
+    chosen: dict[str, Allowance] = {}
+    for allowance in (*given, *carried):
+        chosen.setdefault(allowance.rule, allowance)
+    covering = {rule: a for rule, a in chosen.items() if rule in error_ids}
+    given_ids = {a.rule for a in given}
+    unused = {a.rule: a for a in given if a.rule not in error_ids}
     stale = tuple(
-        Finding(
-            rule=a.rule,
-            severity=Severity.ERROR,
-            title=f"--allow {a.rule} matches no error finding",
-            links=(Link.ENGINE,)
-            if not any(f.rule == a.rule for f in findings)
-            else _links_of(findings, a.rule),
-            explanation=(
-                "An allowance accepts one error finding. This one matches none (the rule did not fire, or "
-                "is only a warning or info), and left in the lock it would silently accept the rule if it "
-                "fired later."
-            ),
-            fix=(
-                f"remove the allowance: re-lock without --allow {a.rule}, "
-                "or delete it from the lock's allowances"
-            ),
-            registry="lock",
-        )
-        for a in result.unused
+        {a.rule: a for a in carried if a.rule not in error_ids and a.rule not in given_ids}.values()
     )
-    return (*result.blocking, *stale), used
+    return Judgement(
+        blocking=(
+            *(f for f in errors if f.rule not in covering),
+            *(_unused_allowance(a, findings) for a in unused.values()),
+        ),
+        allowed=tuple(f for f in errors if f.rule in covering),
+        allowances=tuple(covering.values()),
+        stale=stale,
+    )
+
+
+def _unused_allowance(allowance: Allowance, findings: Sequence[Finding]) -> Finding:
+    severity = next((f.severity for f in findings if f.rule == allowance.rule), None)
+    why = f"the rule is a {severity.value}, which never blocks" if severity else "the rule found nothing"
+    return Finding(
+        rule=allowance.rule,
+        severity=Severity.ERROR,
+        title=f"--allow {allowance.rule} matches no error finding ({why})",
+        links=_links_of(findings, allowance.rule) if severity else (Link.ENGINE,),
+        explanation=(
+            "An allowance accepts one error finding. This one matches none (the rule did not fire, or "
+            "is only a warning or info), and left in the lock it would silently accept the rule if it "
+            "fired later."
+        ),
+        fix=(
+            f"remove the allowance: re-lock without --allow {allowance.rule}, "
+            "or delete it from the lock's allowances"
+        ),
+        registry="lock",
+    )
 
 
 def _links_of(findings: Sequence[Finding], rule: str) -> tuple[Link, ...]:
@@ -809,17 +794,16 @@ __all__ = [
     "AtLeast",
     "Facts",
     "HasRules",
+    "Judgement",
     "Predicate",
     "PredicateSyntaxError",
     "Rule",
-    "Triage",
     "compile_predicate",
     "evaluate",
     "finding_sort_key",
+    "judge",
     "parse_rule",
     "predicate_json_schema_defs",
     "rule_from_data",
     "rules_for",
-    "split_allowed",
-    "triage",
 ]
