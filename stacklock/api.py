@@ -11,16 +11,15 @@ sub-packages, and importing one rebinds that attribute of the package.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stacklock.errors import LockError, UsageError
+from stacklock.errors import LockError, NewerLockError, UsageError
+from stacklock.reporter import NO_REPORTER, Reporter
 
 if TYPE_CHECKING:
-    from stacklock.files.digest import HashProgress
     from stacklock.lock.diff import LockDiff
     from stacklock.model.lock import Lock
     from stacklock.rules.check import CheckResult
@@ -38,13 +37,13 @@ def lock_stack(
     reason: str | None = None,
     offline: bool = False,
     use_cache: bool = True,
-    progress: HashProgress | None = None,
+    reporter: Reporter = NO_REPORTER,
 ) -> Lock:
     """`stacklock lock`: resolve the manifest and write ``llmstack.lock`` beside it; return the lock.
 
     ``allow`` accepts error findings by rule id, for ``reason`` (required with it). Allowances and recorded
     goldens of the previous lock are kept as the command keeps them. Raises ``RuleViolation`` on an error
-    finding that is not allowed.
+    finding that is not allowed. ``reporter`` (:class:`stacklock.reporter.Reporter`) hears each step.
     """
     from stacklock.lock.api import lock_stack as resolve_stack  # noqa: PLC0415
     from stacklock.lock.api import merge_goldens  # noqa: PLC0415
@@ -59,15 +58,18 @@ def lock_stack(
     lock_path = manifest.with_name(LOCK.name)
     previous = None
     if lock_path.exists():
-        # An unreadable lock is replaced either way; only its goldens and allowances cannot be carried over.
-        with contextlib.suppress(LockError):
+        try:
             previous = read_lock(lock_path)
+        except NewerLockError:
+            raise  # A newer stacklock's lock is not replaced.
+        except LockError:
+            pass  # Replaced either way; only its goldens and allowances cannot be carried over.
     new = resolve_stack(
         manifest,
         allow=tuple(Allowance(rule=rule, reason=reason or "") for rule in allow),
         carried=previous.allowances if previous else (),
         use_cache=use_cache,
-        progress=progress,
+        reporter=reporter,
         offline=offline,
     )
     new = merge_goldens(new, previous)
@@ -75,12 +77,14 @@ def lock_stack(
     return new
 
 
-def check_lock(manifest: StrPath = MANIFEST, *, offline: bool = False) -> Lock:
+def check_lock(
+    manifest: StrPath = MANIFEST, *, offline: bool = False, reporter: Reporter = NO_REPORTER
+) -> Lock:
     """`stacklock lock --check`: return the lock when it is fresh, raise ``StaleLockError`` naming what changed."""
     from stacklock.lock.fresh import check_lock as check_fresh  # noqa: PLC0415
 
     manifest = Path(manifest)
-    return check_fresh(manifest, manifest.with_name(LOCK.name), offline=offline)
+    return check_fresh(manifest, manifest.with_name(LOCK.name), offline=offline, reporter=reporter)
 
 
 def check_stack(manifest: StrPath = MANIFEST, *, offline: bool = False) -> CheckResult:
@@ -99,14 +103,16 @@ def check_stack(manifest: StrPath = MANIFEST, *, offline: bool = False) -> Check
     return evaluate(locked, registries, installed_engine_version(locked.engine.name))
 
 
-def record_goldens(lock: StrPath = LOCK, *, top_k: int = 5) -> Lock:
+def record_goldens(lock: StrPath = LOCK, *, top_k: int = 5, reporter: Reporter = NO_REPORTER) -> Lock:
     """`stacklock record`: run every smoke prompt, store the goldens in the lock file and return the lock."""
     from stacklock.verify.session import record  # noqa: PLC0415
 
-    return record(Path(lock), top_k=top_k)
+    return record(Path(lock), top_k=top_k, reporter=reporter)
 
 
-def verify_stack(lock: StrPath = LOCK, *, tolerance: float | None = None) -> VerifyReport:
+def verify_stack(
+    lock: StrPath = LOCK, *, tolerance: float | None = None, reporter: Reporter = NO_REPORTER
+) -> VerifyReport:
     """`stacklock verify`: re-run the smoke prompts; ``report.reproduced`` is false when a stage broke.
 
     ``tolerance`` accepts a divergence at a near-tie within that logprob gap (as ``--tolerance``).
@@ -116,7 +122,8 @@ def verify_stack(lock: StrPath = LOCK, *, tolerance: float | None = None) -> Ver
 
     if tolerance is not None and tolerance <= 0:
         raise UsageError("tolerance must be greater than 0", hint="e.g. tolerance=0.5")
-    return verify(Path(lock), tolerance=None if tolerance is None else Tolerance(margin=tolerance))
+    margin = None if tolerance is None else Tolerance(margin=tolerance)
+    return verify(Path(lock), tolerance=margin, reporter=reporter)
 
 
 def diff_locks(old: StrPath, new: StrPath) -> LockDiff:

@@ -45,7 +45,7 @@ def test_the_shipped_lock_is_fresh_and_its_goldens_verify(tmp_path: Path, gemma:
     project = _example(tmp_path, gemma, with_lock=True)
     check = cli("lock", "--check", cwd=project)
     assert check.code == 0, check.err
-    assert check.err.startswith("llmstack.lock is fresh")
+    assert check.err.splitlines()[-1].startswith("llmstack.lock is fresh")
     result = cli("verify", "--format", "json", cwd=project)
     assert result.code == 0, result.out + result.err
     report = json.loads(result.out)

@@ -56,7 +56,7 @@ def manifest(
 ) -> str:
     return (
         '[stack]\nname = "probes"\n\n[model]\nsource = "tiny.gguf"\n\n[template]\nsource = "gguf"\n'
-        f'{variables}\n[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n\n'
+        f'{variables}\n[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n\n[sampler]\ntemperature = 0.0\nmax-tokens = 4\n\n'
         '[[smoke]]\nname = "hello"\nmessages = [{ role = "user", content = "Hello" }]\n'
     )
 

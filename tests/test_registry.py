@@ -10,15 +10,22 @@ import json
 import subprocess
 import tarfile
 import threading
+import tomllib
 from typing import TYPE_CHECKING
 
 import pytest
 
 from stacklock.errors import NetworkError, RegistryError
 from stacklock.model.findings import RegistryPin, RegistrySource
-from stacklock.registry.export import export_stack_entry
+from stacklock.registry.export import export_stack_entry, render_stack_meta
 from stacklock.registry.fetch import compare_pins, resolve_registries
-from stacklock.registry.files import json_schemas, load_bundled_registry, read_registry, registry_digest
+from stacklock.registry.files import (
+    StackMeta,
+    json_schemas,
+    load_bundled_registry,
+    read_registry,
+    registry_digest,
+)
 from stacklock.registry.query import find_stack, find_template, list_entries, search_entries, show_entry
 from stacklock.rules.predicates import evaluate, rules_for
 
@@ -435,3 +442,11 @@ def test_json_schemas_describe_the_registry_files() -> None:
     assert "Predicate" in rule["$defs"]
     assert "format-version" in schemas["registry-index.schema.json"]["properties"]
     assert "source-revision" in schemas["registry-template.schema.json"]["properties"]
+
+
+def test_stack_meta_is_written_as_valid_toml_whatever_its_text() -> None:
+    # A DEL character is left raw by JSON string escaping but is not allowed in a TOML string.
+    meta = StackMeta(name="tiny", title='Tiny "q" \\ \x7f ü', description="two\nlines", tags=("a\x7f", "b"))
+    text = render_stack_meta(meta)
+    assert StackMeta.model_validate(tomllib.loads(text)) == meta
+    assert render_stack_meta(StackMeta(name="tiny", title="t")) == 'name = "tiny"\ntitle = "t"\n'

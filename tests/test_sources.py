@@ -30,6 +30,7 @@ from stacklock.sources.model import (
 )
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
+from tests.recording import RecordingReporter
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OLD_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -311,6 +312,33 @@ def test_offline_without_the_file_cached_is_a_network_error(hub: Hub, model_byte
     assert hub.requests == []
 
 
+def test_a_hub_cache_that_cannot_be_written_is_not_a_network_error(
+    hub: Hub, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The cache directory lies under a regular file: the download itself works, storing it cannot.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "a-file" / "hub"))
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    with pytest.raises(SourceError) as info:
+        _fetch(f"hf://{REPO}/tiny.gguf")
+    assert str(info.value).startswith(
+        f"model.source: hf://{REPO}@main/tiny.gguf: cannot write the hub cache: "
+    )
+    assert "Not a directory" in str(info.value)
+    assert str(info.value).endswith("; free disk space, or point HF_HUB_CACHE at a writable directory")
+    assert info.value.exit_code == ExitCode.BAD_INPUT
+
+
+def test_a_download_reports_its_bytes(hub: Hub, model_bytes: bytes) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    reporter = RecordingReporter()
+    fetch_model(parse_model_source(f"hf://{REPO}/tiny.gguf"), Path("/nonexistent"), reporter=reporter)
+    step = f"fetching hf://{REPO}@main/tiny.gguf"
+    assert reporter.steps == [step]
+    assert reporter.progress_of(step)[-1] == (len(model_bytes), len(model_bytes))
+    assert reporter.calls[-1] == ("finished", step)
+
+
 def test_an_endpoint_that_is_not_a_hub_is_a_network_error(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
     # HF_ENDPOINT at a plain web server (here the CDN) and nothing cached: the client cannot fall back to the
     # cache. (A closed port would do too, but the client retries it for about 20 seconds.)
@@ -393,5 +421,6 @@ def test_lock_hub_errors_exit_with_one_line(
     hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
     project = _hub_project(tmp_path, source)
     result = cli("lock", *(["--offline"] if offline else []), cwd=project)
-    assert (result.code, result.err) == (code, error)
+    step = f"fetching {source}"
+    assert (result.code, result.err) == (code, f"{step}\n{error}")
     assert not (project / "llmstack.lock").exists()

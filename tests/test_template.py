@@ -449,3 +449,26 @@ def test_features_fall_back_to_regex_on_broken_text():
 
 def test_features_ignore_look_alikes():
     assert template_features("{{ 'tools and bos_token' }}{{ s[::1] }}") == ()
+
+
+class _LimitsWithoutValueSize:
+    """A caller's limits object that lacks a field the guard code reads: a programming error, not the template's."""
+
+    max_seconds = 2.0
+    max_output_chars = 1000
+    max_int_bits = 64
+    max_tojson_indent = 4
+
+
+def test_a_bug_in_the_guard_code_is_not_blamed_on_the_template() -> None:
+    # The guard code reads limits.max_value_size for every string the template builds: the AttributeError is
+    # stacklock's (its caller's) bug and keeps its traceback instead of becoming the user's TemplateError.
+    with pytest.raises(AttributeError, match="max_value_size"):
+        render("{{ 'ab' ~ 'cd' }}", limits=_LimitsWithoutValueSize())
+
+
+def test_a_template_that_fails_on_its_values_is_still_a_template_error() -> None:
+    assert error_of("{{ 1 / 0 }}") == (
+        f"chat template ({ORIGIN}) line 1 failed: ZeroDivisionError: division by zero; check the template against "
+        "the messages it was given"
+    )

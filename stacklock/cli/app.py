@@ -106,8 +106,8 @@ def lock(
     ] = False,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
-    from stacklock.errors import LockError  # noqa: PLC0415
-    from stacklock.files.digest import TerminalProgress  # noqa: PLC0415
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
+    from stacklock.errors import LockError, NewerLockError  # noqa: PLC0415
     from stacklock.lock.api import lock_stack, merge_goldens  # noqa: PLC0415
     from stacklock.lock.fresh import check_lock  # noqa: PLC0415
     from stacklock.lock.project import read_lock, write_lock  # noqa: PLC0415
@@ -117,7 +117,8 @@ def lock(
     if check:
         if allow:
             raise UsageError("--allow goes with `stacklock lock`, not with --check")
-        locked = check_lock(manifest, lock_path, offline=offline)
+        with cli_reporter() as reporter:
+            locked = check_lock(manifest, lock_path, offline=offline, reporter=reporter)
         _note(f"{lock_path} is fresh ({len(locked.findings)} finding(s) recorded)")
         return
     if allow and not reason:
@@ -128,18 +129,21 @@ def lock(
     if lock_path.exists():
         try:
             previous = read_lock(lock_path)
+        except NewerLockError:
+            raise
         except LockError as exc:
             # The new lock replaces it either way; only its goldens and allowances cannot be carried over.
             _note(f"note: the previous lock is unreadable ({exc.one_line()}); writing a fresh one")
     given = tuple(Allowance(rule=r, reason=reason or "") for r in allow or ())
-    new = lock_stack(
-        manifest,
-        allow=given,
-        carried=previous.allowances if previous else (),
-        use_cache=not no_cache,
-        progress=TerminalProgress(),
-        offline=offline,
-    )
+    with cli_reporter() as reporter:
+        new = lock_stack(
+            manifest,
+            allow=given,
+            carried=previous.allowances if previous else (),
+            use_cache=not no_cache,
+            reporter=reporter,
+            offline=offline,
+        )
     new = merge_goldens(new, previous)
     changed = write_lock(lock_path, new)
     accepted = {a.rule for a in new.allowances}
@@ -173,11 +177,13 @@ def record(
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=50, help="Alternatives stored per token.")] = 5,
 ) -> None:
     """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
     from stacklock.verify.compare import expectation_failure  # noqa: PLC0415
     from stacklock.verify.session import record as record_goldens  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
-    recorded = record_goldens(lock_path, top_k=top_k)
+    with cli_reporter() as reporter:
+        recorded = record_goldens(lock_path, top_k=top_k, reporter=reporter)
     for pin in recorded.smoke:
         assert pin.golden is not None
         _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
@@ -219,7 +225,8 @@ def verify(
     ] = None,
 ) -> None:
     """Re-run the smoke prompts and certify that the locked stack reproduces; name the stage that broke."""
-    from stacklock.files.atomic import write_text_atomic  # noqa: PLC0415
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
+    from stacklock.files.atomic import file_error, read_text, write_text_atomic  # noqa: PLC0415
     from stacklock.report.verify import render  # noqa: PLC0415
     from stacklock.verify.certificate import certificate as make_certificate  # noqa: PLC0415
     from stacklock.verify.certificate import render_certificate  # noqa: PLC0415
@@ -230,9 +237,16 @@ def verify(
         raise UsageError("--tolerance must be greater than 0", hint="e.g. --tolerance 0.5")
     if certificate is not None:
         # Fail before the engine runs, not after, when the certificate cannot be written.
-        certificate.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            certificate.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise file_error("create", certificate.parent, exc) from None
+        if certificate.is_dir():
+            raise UsageError(f"--certificate {certificate}: is a directory", hint="give the path of a file")
     lock_path = _lock_path(manifest)
-    report = verify_stack(lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance))
+    with cli_reporter() as reporter:
+        margin = None if tolerance is None else Tolerance(margin=tolerance)
+        report = verify_stack(lock_path, tolerance=margin, reporter=reporter)
     _echo(render(report, fmt.value).rstrip("\n"))
     if summary is not None:
         from stacklock.report.verify import render_markdown  # noqa: PLC0415
@@ -249,7 +263,7 @@ def verify(
     if certificate is not None:
         from stacklock.lock.project import read_lock  # noqa: PLC0415
 
-        lock_text = lock_path.read_text(encoding="utf-8")
+        lock_text = read_text(lock_path)
         data = make_certificate(lock_text, read_lock(lock_path), report)
         write_text_atomic(certificate, render_certificate(data))
         _note(f"wrote {certificate}")
@@ -336,6 +350,7 @@ KindOption = Annotated[str | None, typer.Option("--kind", help="Only rules, temp
 
 
 def _registries(manifest: Path, offline: bool, extra: list[str] | None = None) -> tuple[Any, ...]:
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
     from stacklock.lock.project import read_lock, read_manifest  # noqa: PLC0415
     from stacklock.model.findings import RegistrySource  # noqa: PLC0415
     from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
@@ -344,7 +359,10 @@ def _registries(manifest: Path, offline: bool, extra: list[str] | None = None) -
     sources += [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
     lock_path = _lock_path(manifest)
     pins = read_lock(lock_path).registries if lock_path.exists() else ()
-    return resolve_registries(sources, pins=pins, offline=offline, base_dir=manifest.parent)
+    with cli_reporter() as reporter:
+        return resolve_registries(
+            sources, pins=pins, offline=offline, base_dir=manifest.parent, reporter=reporter
+        )
 
 
 def _kind(kind: str | None) -> Any:

@@ -1,4 +1,4 @@
-"""The child-process runner: an engine loads the model once in a child process and observes every job.
+"""The child-process runner: an engine loads the model once in a child process and runs every smoke prompt.
 
 A crash inside the engine (a failed assertion, a segfault) then becomes a clear exit-3 error instead of killing
 stacklock, and the engine's own output goes to a log file instead of the terminal.
@@ -24,10 +24,13 @@ from stacklock.engines.base import EngineIdentity, Observation, observe
 from stacklock.engines.plugins import load_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.model.lock import Lock
+from stacklock.reporter import NO_REPORTER, Reporter
 
 
 @dataclass(frozen=True)
-class Job:
+class RenderedSmoke:
+    """A smoke prompt as the engine is given it: rendered through the locked template, BOS decided."""
+
     name: str
     rendered: str
     max_tokens: int
@@ -44,8 +47,17 @@ class EngineRun:
     decoded: dict[int, str]
 
 
-def run_engine(lock: Lock, model_path: Path, jobs: Sequence[Job], *, top_k: int) -> EngineRun:
-    """Load the model once in a child process and observe every job; crashes become EngineError.
+def run_engine(
+    lock: Lock,
+    model_path: Path,
+    prompts: Sequence[RenderedSmoke],
+    *,
+    top_k: int,
+    reporter: Reporter = NO_REPORTER,
+) -> EngineRun:
+    """Load the model once in a child process and observe every smoke prompt; crashes become EngineError.
+
+    What the child is doing (loading, each smoke prompt) is reported as one step each.
 
     The child's stderr goes to a log file, so the engine's own output does not interleave with stacklock's.
     When the child dies, the lines of that log that say why are quoted in the error, and the file is kept for
@@ -63,12 +75,14 @@ def run_engine(lock: Lock, model_path: Path, jobs: Sequence[Job], *, top_k: int)
         "engine": lock.engine.name,
         "model": str(model_path),
         "lock": lock.model_dump_json(by_alias=True),
-        "jobs": [job.__dict__ for job in jobs],
+        "prompts": [prompt.__dict__ for prompt in prompts],
         "top_k": top_k,
         "log": log_name,
     }
     doing = "starting the engine"
     message: dict[str, Any] | None = None
+    # Each step the child reports is a step of the reporter; "starting the engine" is only ours.
+    reported = False
     try:
         process = context.Process(target=_child, args=(payload, sender), daemon=True)
         process.start()
@@ -79,7 +93,12 @@ def run_engine(lock: Lock, model_path: Path, jobs: Sequence[Job], *, top_k: int)
             except EOFError:
                 break
             if received["kind"] == "at":
-                doing = received["doing"]
+                if reported:
+                    reporter.step_finished(doing)
+                doing, reported = received["doing"], True
+                reporter.step_started(doing)
+                if received.get("total"):
+                    reporter.progress(doing, received["done"], received["total"])
             else:
                 message = received
         process.join()
@@ -87,6 +106,9 @@ def run_engine(lock: Lock, model_path: Path, jobs: Sequence[Job], *, top_k: int)
         # Interrupted (Ctrl-C) or failed to start: the log says nothing anyone asked for.
         log_path.unlink(missing_ok=True)
         raise
+    finally:
+        if reported:
+            reporter.step_finished(doing)
     if message is None:
         raise _crash(lock.engine.name, process.exitcode, doing, log_path)
     log_path.unlink(missing_ok=True)
@@ -152,8 +174,8 @@ def _child(payload: dict[str, Any], sender: Any) -> None:
     faulthandler.enable(file=log)
     os.environ["GGML_NO_BACKTRACE"] = "1"
 
-    def doing(what: str) -> None:
-        sender.send({"kind": "at", "doing": what})
+    def doing(what: str, done: int = 0, total: int = 0) -> None:
+        sender.send({"kind": "at", "doing": what, "done": done, "total": total})
 
     try:
         lock = Lock.model_validate_json(payload["lock"])
@@ -165,24 +187,27 @@ def _child(payload: dict[str, Any], sender: Any) -> None:
         try:
             observations: dict[str, str] = {}
             decoded: dict[int, str] = {}
-            for job in payload["jobs"]:
-                doing(f"running the smoke prompt '{job['name']}'")
+            prompts = payload["prompts"]
+            for index, prompt in enumerate(prompts):
+                doing(f"running the smoke prompt '{prompt['name']}'", index, len(prompts))
                 seen = observe(
                     loaded,
-                    job["rendered"],
-                    add_bos=job["add_bos"],
+                    prompt["rendered"],
+                    add_bos=prompt["add_bos"],
                     sampler=lock.sampler,
-                    max_tokens=job["max_tokens"],
-                    stop=lock.sampler.stop,
+                    max_tokens=prompt["max_tokens"],
+                    # Unknown stop strings (an engine whose defaults stacklock does not know): stacklock asks
+                    # for none, and the engine applies whatever it applies on its own.
+                    stop=lock.sampler.stop or (),
                     top_k=payload["top_k"],
                 )
-                observations[job["name"]] = seen.model_dump_json()
+                observations[prompt["name"]] = seen.model_dump_json()
                 # Explanations show tokens as text; decode the ones a report could name, while the model is here.
                 generation = seen.generation
                 wanted = {*generation.prompt_tokens, *generation.tokens}
                 wanted |= {t for step in generation.steps for t, _ in step.top}
                 wanted |= {t for t in (lock.tokenizer.bos_id, lock.tokenizer.eos_id) if t is not None}
-                pin = next(p for p in lock.smoke if p.name == job["name"])
+                pin = next(p for p in lock.smoke if p.name == prompt["name"])
                 if pin.golden is not None:
                     wanted |= {*(pin.golden.prompt_tokens or ()), *pin.golden.tokens}
                     wanted |= {t for step in pin.golden.top_logprobs for t, _ in step}

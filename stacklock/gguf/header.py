@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, ValidationError
 
+from stacklock.errors import FileError
 from stacklock.files.atomic import write_text_atomic
 from stacklock.files.digest import default_cache_dir
 from stacklock.gguf.keys import named_chat_templates
@@ -173,6 +174,6 @@ class HeaderCache:
 
     def put(self, digest: str, header: ModelHeader) -> None:
         # A read-only cache directory is not an error: the next run parses again.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, FileError):
             self.directory.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.directory / f"{digest}.json", header.model_dump_json(by_alias=True))

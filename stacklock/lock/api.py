@@ -6,13 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stacklock.errors import RuleViolation
-from stacklock.files.digest import HashProgress
 from stacklock.lock.load import load_inputs
 from stacklock.lock.resolve import resolve
 from stacklock.model.findings import Allowance
-from stacklock.model.lock import (
-    Lock,
-)
+from stacklock.model.lock import Lock
+from stacklock.reporter import NO_REPORTER, Reporter
 
 
 def lock_stack(
@@ -21,11 +19,15 @@ def lock_stack(
     allow: Sequence[Allowance] = (),
     carried: Sequence[Allowance] = (),
     use_cache: bool = True,
-    progress: HashProgress | None = None,
+    reporter: Reporter = NO_REPORTER,
     offline: bool = False,
 ) -> Lock:
-    inputs = load_inputs(manifest_path, use_cache=use_cache, progress=progress, offline=offline)
+    inputs = load_inputs(manifest_path, use_cache=use_cache, reporter=reporter, offline=offline)
     resolution = resolve(inputs, allow, carried)
+    for allowance in resolution.stale:
+        reporter.event(
+            f"note: dropped the allowance for rule {allowance.rule}: it matches no error finding now"
+        )
     if resolution.blocking:
         first = resolution.blocking[0]
         more = f" (and {len(resolution.blocking) - 1} more)" if len(resolution.blocking) > 1 else ""

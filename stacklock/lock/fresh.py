@@ -16,9 +16,12 @@ from stacklock.model.lock import (
     pin_metadata_value,
 )
 from stacklock.registry.fetch import compare_pins
+from stacklock.reporter import NO_REPORTER, Reporter
 
 
-def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -> Lock:
+def check_lock(
+    manifest_path: Path, lock_path: Path, *, offline: bool = False, reporter: Reporter = NO_REPORTER
+) -> Lock:
     """Raise StaleLockError with one reason when the lock is missing or no longer matches its inputs."""
     if not lock_path.exists():
         raise StaleLockError(f"{lock_path}: missing", hint="run `stacklock lock` and commit the lock")
@@ -36,6 +39,7 @@ def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -
         registry_pins=locked.registries,
         refresh_registries=not offline,
         model_revision=locked.model.revision,
+        reporter=reporter,
     )
     changed = compare_pins(locked.registries, inputs.registries)
     if changed:

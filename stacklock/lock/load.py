@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stacklock.engines.base import AdapterInfo
 from stacklock.engines.machine import installed_engine_version
+from stacklock.engines.plugins import adapter_info
 from stacklock.errors import SourceError, TemplateError
-from stacklock.files.digest import FileDigests, HashCache, HashProgress
+from stacklock.files.atomic import read_text
+from stacklock.files.digest import FileDigests, HashCache
 from stacklock.gguf.header import HeaderCache, ModelHeader, header_from_gguf
 from stacklock.lock.project import read_manifest
 from stacklock.model.findings import RegistryPin
@@ -22,6 +25,7 @@ from stacklock.model.manifest import Manifest
 from stacklock.registry.fetch import resolve_registries
 from stacklock.registry.files import LoadedRegistry
 from stacklock.registry.query import find_template
+from stacklock.reporter import NO_REPORTER, Reporter
 from stacklock.sources.model import HubSource, fetch_model, parse_model_source
 
 if TYPE_CHECKING:
@@ -50,13 +54,15 @@ class Inputs:
     template: ResolvedTemplate
     installed_engine_version: str | None
     registries: tuple[LoadedRegistry, ...] = field(default=())
+    #: What the engine's adapter declares; None when no adapter is registered for the manifest's engine.
+    adapter: AdapterInfo | None = None
 
 
 def load_inputs(
     manifest_path: Path,
     *,
     use_cache: bool = True,
-    progress: HashProgress | None = None,
+    reporter: Reporter = NO_REPORTER,
     offline: bool = False,
     cache: HashCache | None = None,
     registry_pins: Sequence[RegistryPin] = (),
@@ -69,7 +75,7 @@ def load_inputs(
     source = parse_model_source(manifest.model.source)
     if isinstance(source, HubSource) and model_revision is not None:
         source = HubSource(source.repo, model_revision, source.path)
-    fetched = fetch_model(source, base, offline=offline)
+    fetched = fetch_model(source, base, offline=offline, reporter=reporter)
     hashes = cache or HashCache()
     parsed: list[GGUFFile] = []
 
@@ -80,10 +86,10 @@ def load_inputs(
         parsed.append(read_gguf(path))
         return parsed[-1].data_offset
 
-    digests = hashes.digests(fetched.path, data_offset, use_cache=use_cache, progress=progress)
+    digests = hashes.digests(fetched.path, data_offset, use_cache=use_cache, reporter=reporter)
     digest = digests.sha256
     header, part_paths = _header(
-        fetched.path, digest, hashes, use_cache=use_cache, progress=progress, parsed=parsed
+        fetched.path, digest, hashes, use_cache=use_cache, reporter=reporter, parsed=parsed
     )
     hashes.save()
     if manifest.model.sha256 is not None and digest != manifest.model.sha256:
@@ -97,7 +103,12 @@ def load_inputs(
         for p, d in zip(part_paths, header.part_sha256, strict=True)
     )
     registries = resolve_registries(
-        manifest.registries, pins=registry_pins, offline=offline, refresh=refresh_registries, base_dir=base
+        manifest.registries,
+        pins=registry_pins,
+        offline=offline,
+        refresh=refresh_registries,
+        base_dir=base,
+        reporter=reporter,
     )
     return Inputs(
         manifest=manifest,
@@ -111,6 +122,7 @@ def load_inputs(
         template=load_template(manifest, header, base, registries),
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
+        adapter=adapter_info(manifest.engine.name),
     )
 
 
@@ -120,7 +132,7 @@ def _header(
     hashes: HashCache,
     *,
     use_cache: bool,
-    progress: HashProgress | None,
+    reporter: Reporter,
     parsed: Sequence[GGUFFile] = (),
 ) -> tuple[ModelHeader, tuple[Path, ...]]:
     """The header summary: from the cache when the file (and every split part) is unchanged, else parsed."""
@@ -129,14 +141,14 @@ def _header(
     if cached is not None:
         others = tuple(path.with_name(name) for name in cached.part_names[1:])
         if all(p.is_file() for p in others):
-            digests = tuple(hashes.sha256(p, progress=progress) for p in others)
+            digests = tuple(hashes.sha256(p, reporter=reporter) for p in others)
             if digests == cached.part_sha256:
                 return cached, others
     from stacklock.gguf.reader import read_gguf  # noqa: PLC0415 - numpy is only needed on a cache miss.
 
     gguf = parsed[-1] if parsed else read_gguf(path)
     others = gguf.parts[1:]
-    digests = tuple(hashes.sha256(p, use_cache=use_cache, progress=progress) for p in others)
+    digests = tuple(hashes.sha256(p, use_cache=use_cache, reporter=reporter) for p in others)
     header = header_from_gguf(gguf).model_copy(update={"part_sha256": digests})
     headers.put(digest, header)
     return header, others
@@ -171,7 +183,7 @@ def load_template(
     if kind == "file":
         path = base / name
         try:
-            return ResolvedTemplate(path.read_text(encoding="utf-8"), name, None)
+            return ResolvedTemplate(read_text(path), name, None)
         except FileNotFoundError:
             raise TemplateError(
                 f"template.source: file not found: {name}", hint="fix the path (relative to llmstack.toml)"

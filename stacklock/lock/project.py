@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from stacklock.errors import LockError, ManifestError
-from stacklock.files.atomic import write_text_atomic
+from stacklock.files.atomic import read_text, write_text_atomic
 from stacklock.model.lock import Lock, parse_lock, render_lock
 from stacklock.model.manifest import Manifest, parse_manifest
 from stacklock.model.toml import parse_toml
@@ -14,7 +14,7 @@ from stacklock.model.toml import parse_toml
 
 def read_manifest(path: Path) -> tuple[Manifest, dict[str, Any]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise ManifestError(
             f"{path}: no manifest here", hint="run `stacklock init MODEL.gguf` to write one"
@@ -26,7 +26,7 @@ def read_manifest(path: Path) -> tuple[Manifest, dict[str, Any]]:
 
 def read_lock(path: Path) -> Lock:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise LockError(f"{path}: no lock here", hint="run `stacklock lock`") from None
     except UnicodeDecodeError as exc:
@@ -42,7 +42,8 @@ def write_lock(path: Path, lock: Lock) -> bool:
     try:
         if path.read_text(encoding="utf-8") == text:
             return False
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):
+        # Not there, or not a readable lock: the write below replaces it, or says why it cannot.
         pass
     write_text_atomic(path, text)
     return True

@@ -1,6 +1,17 @@
 """Resolution: :class:`~stacklock.lock.load.Inputs` → :class:`~stacklock.model.lock.Lock` and the rules' findings.
 
 Pure: no stat, no file reads; everything comes in through the inputs.
+
+What stacklock knows about the engine comes from its adapter's :class:`~stacklock.engines.base.AdapterInfo`,
+read from the adapter class without importing the engine. An engine with no adapter registered (a server
+stacklock cannot drive yet) is still lockable, with nothing invented for it:
+
+- its version: the requirement must name one version exactly, since stacklock cannot see it installed. The
+  requirement's syntax says what a version is: llama.cpp build clauses (``==b4628``) make the version the
+  build; anything else is PEP 440, and the build comes from a registry's engine table when one has the engine
+  (``engines/<name>.toml``), else stays unknown. An adapter's ``build-scheme`` overrides the syntax and refuses
+  a requirement written the other way;
+- its defaults: unknown; the lock says so value by value (:mod:`stacklock.rules.policy`).
 """
 
 from __future__ import annotations
@@ -11,14 +22,15 @@ from dataclasses import dataclass
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from stacklock.errors import EngineError, TemplateError
+from stacklock.engines.base import AdapterInfo
+from stacklock.errors import EngineError, ManifestError, TemplateError
 from stacklock.files.digest import FileDigests, sha256_text
 from stacklock.gguf.header import ModelHeader
 from stacklock.gguf.structure import check_structure
 from stacklock.lock.load import Inputs, ResolvedTemplate, _rel
 from stacklock.lock.smoke import _rendered, _smoke_pin
 from stacklock.model.effective import effective_backend, effective_sampler
-from stacklock.model.findings import Allowance, Finding, Severity
+from stacklock.model.findings import Allowance, Finding
 from stacklock.model.lock import (
     LOCK_VERSION,
     EnginePin,
@@ -30,11 +42,11 @@ from stacklock.model.lock import (
     manifest_hash,
     pin_metadata_value,
 )
-from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
+from stacklock.model.manifest import Manifest
 from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
-from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
+from stacklock.rules.predicates import evaluate, finding_sort_key, judge, rules_for
+from stacklock.rules.versions import EngineTables, is_build_requirement, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
 
@@ -43,20 +55,28 @@ from stacklock.template.sandbox import template_dialect, template_features
 class Resolution:
     lock: Lock
     blocking: tuple[Finding, ...]
+    stale: tuple[Allowance, ...] = ()
+    """The previous lock's allowances that match no error finding any more: dropped from the new lock."""
 
 
 def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[Allowance] = ()) -> Resolution:
     """Turn inputs into a lock; pure.
 
     ``allow`` are allowances given now: one that matches no error finding blocks the lock. ``carried`` are the
-    previous lock's allowances: kept while their rule still fires, dropped silently once it no longer does.
+    previous lock's allowances: kept while their rule still fires, dropped (``stale``) once it no longer does.
+    Both are judged by :func:`~stacklock.rules.predicates.judge`, as ``stacklock check`` judges a lock.
     """
     manifest = inputs.manifest
     header = inputs.header
-    engine = _engine_pin(manifest, inputs.installed_engine_version, EngineTables.merged(inputs.registries))
+    info = inputs.adapter
+    tables = EngineTables.merged(inputs.registries)
+    engine = _engine_pin(manifest, info, inputs.installed_engine_version, tables)
     template = _template_pin(manifest, inputs.template)
-    sampler = effective_sampler(engine.name, header.metadata, manifest.sampler)
-    unrendered = tuple(_smoke_pin(s, sampler.max_tokens) for s in manifest.smoke)
+    sampler = effective_sampler(info.sampler_defaults if info else None, header.metadata, manifest.sampler)
+    unrendered = tuple(
+        _smoke_pin(s, _max_tokens(s.name, s.max_tokens, sampler.max_tokens, engine.name))
+        for s in manifest.smoke
+    )
     # Rules are evaluated even when a smoke prompt does not render: the rule that explains why (no template,
     # a template that rejects the system role) is a better message than the template's own error.
     render_error: TemplateError | None = None
@@ -73,7 +93,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         template=template,
         tokenizer=inputs.header.tokenizer,
         engine=engine,
-        backend=effective_backend(engine.name, manifest.backend),
+        backend=effective_backend(info.backend_defaults if info else None, manifest.backend),
         sampler=sampler,
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
@@ -89,14 +109,11 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
             key=finding_sort_key,
         )
     )
-    fired = {f.rule for f in findings if f.severity is Severity.ERROR}
-    given = {a.rule for a in allow}
-    kept = [a for a in carried if a.rule in fired and a.rule not in given]
-    blocking, allowed = split_allowed(findings, [*allow, *kept])
-    if render_error is not None and not blocking:
+    judgement = judge(findings, given=allow, carried=carried)
+    if render_error is not None and judgement.ok:
         raise render_error
-    lock = lock.model_copy(update={"findings": findings, "allowances": allowed})
-    return Resolution(lock, blocking)
+    lock = lock.model_copy(update={"findings": findings, "allowances": judgement.allowances})
+    return Resolution(lock, judgement.blocking, judgement.stale)
 
 
 def _model_pin(inputs: Inputs) -> ModelPin:
@@ -164,17 +181,33 @@ def _sha256_text(text: str | None) -> str | None:
     return None if text is None else sha256_text(text)
 
 
-def _engine_pin(manifest: Manifest, installed: str | None, tables: EngineTables) -> EnginePin:
+def _max_tokens(smoke: str, own: int | None, default: int | None, engine: str) -> int:
+    if own is not None:
+        return own
+    if default is None:
+        raise ManifestError(
+            f"smoke '{smoke}': max-tokens is unknown ({engine}'s default is unknown to stacklock)",
+            hint="set sampler.max-tokens in llmstack.toml, or max-tokens on the smoke prompt",
+        )
+    return default
+
+
+def _engine_pin(
+    manifest: Manifest, info: AdapterInfo | None, installed: str | None, tables: EngineTables
+) -> EnginePin:
     spec = manifest.engine
     requirement = spec.version.strip()
-    if spec.name in BUILD_NUMBERED_ENGINES:
+    by_build = _takes_builds(spec.name, requirement, info)
+    if by_build:
         build = _exact_build(requirement)
         if build is None:
             raise EngineError(
                 f"engine.version: '{requirement or '(any)'}' does not name one {spec.name} build",
                 hint="stacklock cannot see an installed llama.cpp; pin one build, e.g. version = '==b4628'",
             )
-        return EnginePin(name=spec.name, requirement=requirement, version=f"b{build}", build=build)
+        return EnginePin(
+            name=spec.name, requirement=requirement, version=f"b{build}", build=build, build_exact=True
+        )
     if installed is not None:
         if requirement and not SpecifierSet(requirement).contains(installed, prereleases=True):
             raise EngineError(
@@ -187,15 +220,47 @@ def _engine_pin(manifest: Manifest, installed: str | None, tables: EngineTables)
         if exact is None:
             raise EngineError(
                 f"engine.version: {spec.name} is not installed and '{requirement or '(any)'}' is not one version",
-                hint=f"install {spec.name} or pin one version, e.g. version = '==0.3.36'",
+                hint=f"install {spec.name} or pin one version, e.g. version = '=={_example_version(info)}'",
             )
         version = exact
+    vendored = (
+        None
+        if info is not None and info.build_scheme == "none"
+        else vendored_build(spec.name, version, tables)
+    )
+    if vendored is None:
+        return EnginePin(name=spec.name, requirement=requirement, version=version)
     return EnginePin(
         name=spec.name,
         requirement=requirement,
         version=version,
-        build=vendored_build(spec.name, version, tables),
+        build=vendored.build,
+        build_exact=vendored.exact,
+        commit=vendored.commit,
     )
+
+
+def _takes_builds(name: str, requirement: str, info: AdapterInfo | None) -> bool:
+    """Whether the engine's versions are llama.cpp builds: its adapter says so, else the requirement's syntax."""
+    by_syntax = is_build_requirement(requirement)
+    if info is None:
+        return by_syntax
+    by_adapter = info.build_scheme == "build-number"
+    if requirement and by_syntax != by_adapter:
+        want = (
+            "llama.cpp builds, e.g. '==b4628'"
+            if by_adapter
+            else f"PEP 440, e.g. '=={_example_version(info)}'"
+        )
+        raise ManifestError(
+            f"engine.version: '{requirement}' does not fit {name}, whose versions are {want}",
+            hint="fix engine.version in llmstack.toml",
+        )
+    return by_adapter
+
+
+def _example_version(info: AdapterInfo | None) -> str:
+    return (info.tested_version if info is not None else None) or "1.0.0"
 
 
 def _exact_version(requirement: str) -> str | None:

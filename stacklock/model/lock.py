@@ -7,15 +7,15 @@ sorted by key). ``parse_lock`` and ``render_lock`` are pure; reading and writing
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 import stacklock
-from stacklock.errors import LockError
+from stacklock.errors import LockError, NewerLockError
+from stacklock.files.digest import canonical_digest, sha256_bytes, sha256_text
 from stacklock.model.base import Model
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 from stacklock.model.findings import Allowance, Finding, RegistryPin
@@ -60,7 +60,7 @@ def pin_metadata_value(value: str | float | bool) -> MetadataValue:
     if isinstance(value, str):
         encoded = value.encode("utf-8")
         if len(encoded) > MAX_PINNED_TEXT:
-            return PinnedText(sha256=hashlib.sha256(encoded).hexdigest(), length=len(encoded))
+            return PinnedText(sha256=sha256_bytes(encoded), length=len(encoded))
     return value
 
 
@@ -144,7 +144,18 @@ class EnginePin(Model):
     version: str = Field(description="The exact version that will be used.")
     build: int | None = Field(
         default=None,
-        description="The llama.cpp build the engine carries (a lower bound for wrappers), when known.",
+        description="The llama.cpp build the engine carries, when known: exact when build-exact is true, "
+        "else a lower bound (a wrapper release between two rows of its registry table).",
+    )
+    build_exact: bool = Field(
+        default=False,
+        description="Whether build is exact; false: the engine carries this build or a later one. Locks "
+        "written before this key read as lower bounds.",
+    )
+    commit: str | None = Field(
+        default=None,
+        description="The llama.cpp commit the engine vendors, from the registry's table; record and verify "
+        "check the commit the engine reports against it.",
     )
 
 
@@ -194,7 +205,9 @@ class Lock(Model):
 
     lock_version: int = Field(description="The lock format version.")
     created_by: str = Field(description="The stacklock version that wrote the lock.")
-    manifest_hash: str = Field(description="sha256 of the manifest's content, for drift detection.")
+    manifest_hash: Annotated[str, BeforeValidator(canonical_digest)] = Field(
+        description="sha256 of the manifest's content, for drift detection (hex; a `sha256:` prefix is read too)."
+    )
     stack: Stack = Field(description="The stack, as named in llmstack.toml.")
     model: ModelPin = Field(description="The model file, pinned by sha256, with what its GGUF header says.")
     template: TemplatePin = Field(
@@ -251,7 +264,7 @@ class Lock(Model):
 def manifest_hash(data: Mapping[str, Any]) -> str:
     """sha256 of the parsed manifest: comments and formatting do not make a lock stale, content does."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return sha256_text(canonical)
 
 
 def created_by() -> str:
@@ -263,9 +276,12 @@ def parse_lock(text: str, origin: str = LOCK_NAME) -> Lock:
     data = parse_toml(text, origin, LockError)
     version = data.get("lock-version")
     if isinstance(version, int) and version > LOCK_VERSION:
-        raise LockError(
-            f"{origin}: lock-version {version} is newer than this stacklock understands ({LOCK_VERSION})",
-            hint="upgrade stacklock",
+        writer = data.get("created-by")
+        by = f" (written by {writer})" if isinstance(writer, str) else ""
+        raise NewerLockError(
+            f"{origin}: lock-version {version}{by} is newer than {created_by()} reads (lock-version "
+            f"{LOCK_VERSION})",
+            hint="upgrade stacklock; re-locking with this version would discard what the newer one pinned",
         )
     return validate(Lock, data, origin, text, LockError)
 

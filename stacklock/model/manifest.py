@@ -21,9 +21,6 @@ from stacklock.model.toml import parse_toml, validate
 
 MANIFEST_NAME = "llmstack.toml"
 
-#: Engines whose versions are llama.cpp build numbers (``b4628``) rather than PEP 440 versions.
-BUILD_NUMBERED_ENGINES = frozenset({"llama.cpp", "llama-server"})
-
 _BUILD_CLAUSE = re.compile(r"^\s*(==|!=|<=|>=|<|>)\s*b(\d+)\s*$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -111,7 +108,7 @@ class EngineSpec(Model):
 
     @model_validator(mode="after")
     def _version(self) -> EngineSpec:
-        check_requirement(self.name, self.version)
+        check_requirement(self.version)
         return self
 
 
@@ -242,22 +239,27 @@ class Manifest(Model):
         return self
 
 
-def check_requirement(engine: str, requirement: str) -> None:
-    """Validate an engine version requirement: build ranges for llama.cpp, PEP 440 for the rest."""
+def check_requirement(requirement: str) -> None:
+    """Validate an engine version requirement: llama.cpp build clauses or PEP 440 specifiers.
+
+    The syntax decides which, not the engine's name (``b4628`` is never a PEP 440 version); whether the engine
+    takes builds is the adapter's knowledge, checked when the stack is locked.
+    """
     if not requirement.strip():
         return
-    if engine in BUILD_NUMBERED_ENGINES:
-        for clause in requirement.split(","):
-            if not _BUILD_CLAUSE.match(clause):
-                raise ValueError(
-                    f"'{requirement}' is not a llama.cpp build requirement; write e.g. '>=b4628' or '>=b4628,<b7756'"
-                )
+    clauses = requirement.split(",")
+    if any(_BUILD_CLAUSE.match(clause) for clause in clauses):
+        if not all(_BUILD_CLAUSE.match(clause) for clause in clauses):
+            raise ValueError(
+                f"'{requirement}' is not a llama.cpp build requirement; write e.g. '>=b4628' or '>=b4628,<b7756'"
+            )
         return
     try:
         SpecifierSet(requirement)
     except InvalidSpecifier:
         raise ValueError(
-            f"'{requirement}' is not a PEP 440 version requirement; write e.g. '==0.3.36'"
+            f"'{requirement}' is neither a PEP 440 version requirement ('==0.3.36') nor llama.cpp builds "
+            "('>=b4628,<b7756')"
         ) from None
 
 

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Final, Literal
 
 from stacklock.errors import NetworkError, RegistryError
+from stacklock.files.atomic import file_error
 from stacklock.files.digest import default_cache_dir
 from stacklock.model.findings import RegistryPin, RegistrySource
 from stacklock.registry.files import (
@@ -31,6 +32,7 @@ from stacklock.registry.files import (
     read_registry_files,
     registry_digest,
 )
+from stacklock.reporter import NO_REPORTER, Reporter, step
 
 MAX_ARCHIVE_BYTES: Final = 64 << 20
 MAX_EXTRACTED_BYTES: Final = 256 << 20
@@ -253,6 +255,7 @@ def load_registry_source(
     refresh: bool = False,
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
+    reporter: Reporter = NO_REPORTER,
 ) -> LoadedRegistry:
     """Read one configured registry.
 
@@ -288,8 +291,14 @@ def load_registry_source(
             f"registry '{source.name}' ({source.url}) cannot be read offline: {why}",
             hint="run once without --offline to fill the cache",
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_error("create the registry cache", cache, exc) from None
+    with (
+        step(reporter, f"fetching registry '{source.name}' from {source.url}"),
+        tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp,
+    ):
         tree = Path(tmp) / "tree"
         commit: str | None = None
         if kind == "git":
@@ -317,6 +326,7 @@ def resolve_registries(
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
     include_bundled: bool = True,
+    reporter: Reporter = NO_REPORTER,
 ) -> tuple[LoadedRegistry, ...]:
     """The bundled registry, then every configured one in order, each with its :class:`RegistryPin`.
 
@@ -344,6 +354,7 @@ def resolve_registries(
                 refresh=refresh,
                 cache_dir=cache_dir,
                 base_dir=base_dir,
+                reporter=reporter,
             )
         )
     owner: dict[str, str] = {}

@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 from pydantic import Field, field_validator
 
 from stacklock.errors import RegistryError
+from stacklock.files.digest import sha256_bytes
 from stacklock.model.base import Model
 from stacklock.model.findings import RegistryPin
 from stacklock.model.manifest import Name
@@ -229,7 +230,7 @@ def parse_registry(
                 raise RegistryError(
                     f"{file_origin}: file: '{entry.filename}' is not in templates/; add it or fix the name"
                 )
-            actual = hashlib.sha256(files[template_path]).hexdigest()
+            actual = sha256_bytes(files[template_path])
             if actual != entry.sha256:
                 raise RegistryError(
                     f"{file_origin}: sha256: does not match templates/{entry.filename} (its sha256 is "
@@ -349,7 +350,13 @@ def read_registry_files(root: Path) -> dict[str, bytes]:
                 continue
             path = base / filename
             if path.is_file():
-                files[path.relative_to(root).as_posix()] = path.read_bytes()
+                try:
+                    files[path.relative_to(root).as_posix()] = path.read_bytes()
+                except OSError as exc:
+                    raise RegistryError(
+                        f"{path}: cannot read: {exc.strerror or type(exc).__name__}",
+                        hint="fix the file's permissions or remove it from the registry",
+                    ) from None
     return files
 
 

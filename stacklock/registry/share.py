@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from stacklock.errors import RegistryError, UsageError
-from stacklock.files.atomic import write_text_atomic
+from stacklock.files.atomic import read_text, write_text_atomic
 from stacklock.files.digest import sha256_text
 from stacklock.model.findings import RegistrySource
 from stacklock.model.lock import LOCK_NAME, parse_lock
@@ -72,9 +72,9 @@ def share_stack(
         )
     lock_path = manifest_path.with_name(LOCK_NAME)
     try:
-        manifest_text = manifest_path.read_text(encoding="utf-8")
-        lock_text = lock_path.read_text(encoding="utf-8")
-        certificate_text = certificate_path.read_text(encoding="utf-8")
+        manifest_text = read_text(manifest_path)
+        lock_text = read_text(lock_path)
+        certificate_text = read_text(certificate_path)
     except FileNotFoundError as exc:
         raise UsageError(
             f"{exc.filename}: not found", hint="run `stacklock lock`, `record` and `verify` first"

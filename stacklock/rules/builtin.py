@@ -64,6 +64,7 @@ FAMILIES: tuple[str, ...] = (
     "stacklock.gguf.structure",
     "stacklock.template.probes",
     "stacklock.rules.pretokenizers",
+    "stacklock.rules.policy",
 )
 
 

@@ -15,8 +15,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from stacklock.errors import NetworkError, SourceError
+from stacklock.files.atomic import describe_os_error
+from stacklock.reporter import NO_REPORTER, Reporter, step
 
 _HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
 
@@ -69,7 +72,12 @@ class FetchedModel:
 
 
 def fetch_model(
-    source: ModelSource, base_dir: Path, *, offline: bool = False, endpoint: str | None = None
+    source: ModelSource,
+    base_dir: Path,
+    *,
+    offline: bool = False,
+    endpoint: str | None = None,
+    reporter: Reporter = NO_REPORTER,
 ) -> FetchedModel:
     """Make the model file available locally and say where it is.
 
@@ -85,7 +93,7 @@ def fetch_model(
             )
         return FetchedModel(path, None)
     if isinstance(source, HubSource):
-        return _fetch_hub(source, offline=offline, endpoint=endpoint)
+        return _fetch_hub(source, offline=offline, endpoint=endpoint, reporter=reporter)
     raise SourceError(
         f"model.source: registry://{source.name}: registry model sources are not supported yet",
         hint="use a local path or hf://owner/repo@revision/file.gguf",
@@ -107,7 +115,7 @@ def _hub_cache_dir() -> str | None:
     return None
 
 
-def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> FetchedModel:
+def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None, reporter: Reporter) -> FetchedModel:
     # Imported here: huggingface_hub is slow to import and only hub sources need it.
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
     from huggingface_hub.errors import (  # noqa: PLC0415
@@ -119,16 +127,19 @@ def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> Fet
     )
 
     where = f"model.source: hf://{source.repo}@{source.revision}/{source.path}"
+    name = f"fetching hf://{source.repo}@{source.revision}/{source.path}"
     try:
-        local = hf_hub_download(
-            repo_id=source.repo,
-            filename=source.path,
-            revision=source.revision,
-            cache_dir=_hub_cache_dir(),
-            # The client reads HF_ENDPOINT and HF_HUB_OFFLINE at import; these are read per call.
-            endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,
-            local_files_only=offline or _env_true("HF_HUB_OFFLINE"),
-        )
+        with step(reporter, name):
+            local = hf_hub_download(
+                repo_id=source.repo,
+                filename=source.path,
+                revision=source.revision,
+                cache_dir=_hub_cache_dir(),
+                # The client reads HF_ENDPOINT and HF_HUB_OFFLINE at import; these are read per call.
+                endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,
+                local_files_only=offline or _env_true("HF_HUB_OFFLINE"),
+                tqdm_class=_download_bar(reporter, name),
+            )
     except RepositoryNotFoundError:
         raise SourceError(
             f"{where}: repository not found (or private)",
@@ -144,10 +155,14 @@ def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> Fet
             f"{where}: not in the local hub cache and the hub is not reachable",
             hint="go online once to download it, or set HF_ENDPOINT",
         ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise NetworkError(
-            f"{where}: download failed: {reason}", hint="check the network or HF_ENDPOINT"
+    except OSError as exc:
+        if exc.errno is None or isinstance(exc, HfHubHTTPError):
+            raise _download_failed(where, exc) from None
+        # An OSError with an errno is the local file system (the hub cache full, read-only or not a
+        # directory), not the network: retrying online would not help.
+        raise SourceError(
+            f"{where}: cannot write the hub cache: {describe_os_error(exc)}",
+            hint="free disk space, or point HF_HUB_CACHE at a writable directory",
         ) from None
     path = Path(local)
     # The hub cache lays files out as <repo>/snapshots/<commit>/<path in the repo>: the directory above the
@@ -156,3 +171,26 @@ def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> Fet
     snapshot = path.parents[depth - 1]
     revision = snapshot.name if snapshot.parent.name == "snapshots" else source.revision
     return FetchedModel(path, revision)
+
+
+def _download_failed(where: str, exc: OSError) -> NetworkError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return NetworkError(f"{where}: download failed: {reason}", hint="check the network or HF_ENDPOINT")
+
+
+def _download_bar(reporter: Reporter, name: str) -> type[Any]:
+    """A tqdm class for huggingface_hub that forwards the bytes downloaded to ``reporter`` and draws nothing."""
+    from tqdm import tqdm  # type: ignore[import-untyped]  # noqa: PLC0415 - huggingface_hub brings it.
+
+    class ToReporter(tqdm):  # type: ignore[misc]  # tqdm has no type hints here.
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._done = int(kwargs.get("initial") or 0)
+            self._total = int(kwargs.get("total") or 0)
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._done += int(n or 0)
+            reporter.progress(name, self._done, self._total)
+            return None
+
+    return ToReporter

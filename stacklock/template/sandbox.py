@@ -68,6 +68,7 @@ import string
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import jinja2
@@ -592,9 +593,38 @@ def render_chat_template(
                 _output_exceeded()
             state.tick()
             chunks.append(chunk)
-    except Exception as error:  # noqa: BLE001 - Every template failure becomes one TemplateError.
+    except Exception as error:
+        if _is_our_bug(error):
+            raise
         raise _translate(error, label, limits) from None
     return "".join(chunks)
+
+
+# What a template's own expressions raise on values it cannot handle ('a' - 1, x[9], 1 / 0, int('x')): the
+# user's template is at fault. Jinja's errors and the sandbox's limits are the template's by construction.
+_TEMPLATE_FAULTS = (
+    jinja2.TemplateError,
+    _Limit,
+    TypeError,
+    ValueError,
+    LookupError,
+    ArithmeticError,
+    RecursionError,
+    MemoryError,
+)
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def _is_our_bug(error: Exception) -> bool:
+    """An error of another kind (NameError, AttributeError, AssertionError…) raised in stacklock's own guard
+    code is a bug in stacklock, not in the user's template: it keeps its traceback instead of blaming them.
+    """
+    if isinstance(error, _TEMPLATE_FAULTS):
+        return False
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
 
 
 @functools.lru_cache(maxsize=32)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from stacklock import errors
+from stacklock.engines.base import EngineIdentity
 from stacklock.engines.machine import current_environment, installed_engine_version
-from stacklock.engines.runner import Job, run_engine
+from stacklock.engines.runner import RenderedSmoke, run_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
@@ -25,6 +26,8 @@ from stacklock.lock.resolve import pin_model
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import FilePin, Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
+from stacklock.reporter import NO_REPORTER, Reporter
+from stacklock.rules.versions import same_commit
 from stacklock.sources.model import fetch_model, parse_model_source
 from stacklock.verify.compare import (
     StageResult,
@@ -48,6 +51,23 @@ def check_engine(lock: Lock) -> None:
             f"installed {lock.engine.name} {installed} is not the locked {lock.engine.version}",
             hint=f"pip install '{lock.engine.name}=={lock.engine.version}', or re-lock and re-record on {installed}",
         )
+
+
+def check_engine_commit(lock: Lock, identity: EngineIdentity) -> None:
+    """After the engine started: the llama.cpp commit it reports must be the one the lock pins.
+
+    The lock pins the commit from the registry's engine table (the row that gave its exact build); an engine
+    built from other sources (a git checkout, a patched vendor tree) carries another build under the same
+    version, and every build-range rule was judged for the wrong one.
+    """
+    pinned, reported = lock.engine.commit, identity.build
+    if pinned is None or reported is None or same_commit(pinned, reported):
+        return
+    raise EngineError(
+        f"installed {lock.engine.name} {identity.version} runs llama.cpp commit {reported}, but the lock pins "
+        f"{pinned} (build b{lock.engine.build}) for that version",
+        hint="reinstall the released package, or re-lock with a registry engine table whose row names this commit",
+    )
 
 
 def locate(location: str, base: Path) -> Path | None:
@@ -80,13 +100,13 @@ def _require_model(lock: Lock, base: Path) -> Path:
     return path
 
 
-def _job(lock: Lock, pin: SmokePin) -> Job:
+def _rendered(lock: Lock, pin: SmokePin) -> RenderedSmoke:
     # The BOS decision is re-derived from the lock's tokenizer flags, so an edited flag shows at tokenization.
     rendered = render_smoke(pin, lock.template, lock.tokenizer)
-    return Job(pin.name, rendered, pin.max_tokens, effective_add_bos(pin, rendered, lock.tokenizer))
+    return RenderedSmoke(pin.name, rendered, pin.max_tokens, effective_add_bos(pin, rendered, lock.tokenizer))
 
 
-def record(lock_path: Path, *, top_k: int = 5) -> Lock:
+def record(lock_path: Path, *, top_k: int = 5, reporter: Reporter = NO_REPORTER) -> Lock:
     """Run every smoke prompt and store its golden in the lock (written atomically)."""
     lock = read_lock(lock_path)
     base = lock_path.parent
@@ -95,10 +115,12 @@ def record(lock_path: Path, *, top_k: int = 5) -> Lock:
         raise errors.LockError(
             f"{lock_path}: no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
-    artifacts = _artifacts(lock, base, HashCache())
+    artifacts = _artifacts(lock, base, HashCache(), reporter)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
-    run = run_engine(lock, _require_model(lock, base), [_job(lock, p) for p in lock.smoke], top_k=top_k)
+    prompts = [_rendered(lock, p) for p in lock.smoke]
+    run = run_engine(lock, _require_model(lock, base), prompts, top_k=top_k, reporter=reporter)
+    check_engine_commit(lock, run.identity)
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
         for pin in lock.smoke
@@ -111,11 +133,11 @@ def record(lock_path: Path, *, top_k: int = 5) -> Lock:
     return recorded
 
 
-def _artifacts(lock: Lock, base: Path, cache: HashCache) -> StageResult:
+def _artifacts(lock: Lock, base: Path, cache: HashCache, reporter: Reporter) -> StageResult:
     expected = {lock.model.path: lock.model.sha256} | {p.path: p.sha256 for p in lock.model.parts}
     observed: dict[str, str | None] = {}
     for label, path in model_files(lock, base).items():
-        observed[label] = None if path is None else cache.sha256(path)
+        observed[label] = None if path is None else cache.sha256(path, reporter=reporter)
     changes: tuple[str, ...] = ()
     diff = None
     model_path = locate(lock.model.path, base)
@@ -165,7 +187,9 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
         return None
 
 
-def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyReport:
+def verify(
+    lock_path: Path, *, tolerance: Tolerance | None = None, reporter: Reporter = NO_REPORTER
+) -> VerifyReport:
     """Re-run every smoke prompt and compare each stage with the goldens."""
     lock = read_lock(lock_path)
     base = lock_path.parent
@@ -174,7 +198,7 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
             f"{lock_path}: no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
     check_engine(lock)
-    artifacts = _artifacts(lock, base, HashCache())
+    artifacts = _artifacts(lock, base, HashCache(), reporter)
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
     text = lock.template.text
@@ -182,15 +206,17 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
         text is not None and lock.template.sha256 is not None and sha256_text(text) != lock.template.sha256
     )
     reference = _reference_template(lock_path.with_name("llmstack.toml"), lock) if edited else None
-    jobs: list[Job] = []
+    prompts: list[RenderedSmoke] = []
     broken: dict[str, StageResult] = {}
     for pin in lock.smoke:
         # A template that no longer renders fails that prompt's template stage; the engine is not asked.
         try:
-            jobs.append(_job(lock, pin))
+            prompts.append(_rendered(lock, pin))
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
-    run = run_engine(lock, model_path, jobs, top_k=lock.recording.top_k if lock.recording else 5)
+    top_k = lock.recording.top_k if lock.recording else 5
+    run = run_engine(lock, model_path, prompts, top_k=top_k, reporter=reporter)
+    check_engine_commit(lock, run.identity)
     results = []
     for pin in lock.smoke:
         if pin.name in broken:

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402 - after the skip: numpy comes with the engine.
 from stacklock.engines.base import Engine, LoadedModel, observe  # noqa: E402
 from stacklock.engines.llama_cpp import LlamaCppEngine, top_logprobs  # noqa: E402
 from stacklock.engines.plugins import engine_names, load_engine  # noqa: E402
-from stacklock.errors import EngineError, ExitCode, InputError  # noqa: E402
+from stacklock.errors import EngineError, ExitCode  # noqa: E402
 from stacklock.files.digest import sha256_text  # noqa: E402
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler  # noqa: E402
 from stacklock.verify.compare import (  # noqa: E402
@@ -164,15 +164,18 @@ def test_auto_flash_attention_is_refused(engine, tiny_path):
         engine.load(tiny_path, backend(flash_attention="auto"))
 
 
-def test_unseeded_sampling_is_refused(model):
-    with pytest.raises(
-        InputError, match=r"sampler.temperature = 0.8 with no fixed seed cannot be reproduced"
-    ):
-        run(model, temperature=0.8, seed=0xFFFFFFFF)
+def test_a_sampler_value_the_lock_gives_as_unknown_is_refused(model):
+    # Unseeded sampling is a finding of `stacklock lock` now (tests/test_engine_knowledge.py), not a refusal here.
+    with pytest.raises(EngineError) as caught:
+        run(model, typical_p=None, mirostat_tau=None)
+    assert str(caught.value) == (
+        "llama-cpp-python cannot run with sampler values the lock gives as unknown: sampler.typical-p, "
+        "sampler.mirostat-tau; set them in llmstack.toml's [sampler] and re-lock"
+    )
 
 
-def test_context_overflow_is_refused(model):
-    with pytest.raises(InputError, match=r"exceed the context size \(256\)"):
+def test_context_overflow_is_refused_as_the_last_line(model):
+    with pytest.raises(EngineError, match=r"exceed the context size \(256\)"):
         run(model, max_tokens=300)
 
 
