@@ -52,3 +52,34 @@ def tiny_project(tmp_path: Path) -> Iterator[Path]:
     old = os.getcwd()
     yield tmp_path
     os.chdir(old)
+
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """Installs the test suite's engine plugins (tests/plugins/NAME) for one test, for this process and its
+    children: each directory holds a module and its ``.dist-info``, so importlib.metadata finds the entry
+    points for real."""
+
+    monkeypatch: pytest.MonkeyPatch
+
+    def add(self, name: str) -> Path:
+        path = PLUGINS / name
+        self.monkeypatch.syspath_prepend(str(path))
+        paths = [str(path), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        self.monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+        return path
+
+
+@pytest.fixture
+def plugins(monkeypatch: pytest.MonkeyPatch) -> Plugins:
+    return Plugins(monkeypatch)
+
+
+@pytest.fixture
+def fake_engine(plugins: Plugins) -> str:
+    """The fake engine (tests/plugins/fake_engine) registered under 'fake'; its name."""
+    plugins.add("fake_engine")
+    return "fake"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Self
 from pydantic import ValidationError
 
 from stacklock import errors
-from stacklock.engines.base import EngineIdentity, Generation, Observation, observe
+from stacklock.engines.base import EngineIdentity, Observation, observe
 from stacklock.engines.plugins import load_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler
@@ -320,30 +320,36 @@ def _crash(engine: str, code: int | None, doing: str, log_path: Path) -> EngineE
 # The child's side ---------------------------------------------------------------------------------------
 
 
-def _checked(generation: object, engine: str) -> Generation:
-    """What an adapter generated, checked against the seam's contract: malformed data is the adapter's fault."""
+def _malformed(engine: str, problem: str) -> EngineError:
+    return EngineError(
+        f"the engine adapter ({engine}) returned a malformed generation: {problem}",
+        hint="report it to the adapter's authors",
+    )
+
+
+def _observe_checked(loaded: Any, job: dict[str, Any], top_k: int, engine: str) -> Observation:
+    """One job observed, with what the adapter returned checked against the seam's contract."""
+    sampler = EffectiveSampler.model_validate_json(job["sampler"])
     try:
-        checked = Generation.model_validate(generation)
+        seen = observe(
+            loaded,
+            job["rendered"],
+            add_bos=job["add_bos"],
+            sampler=sampler,
+            max_tokens=job["max_tokens"],
+            stop=sampler.stop,
+            top_k=top_k,
+        )
     except ValidationError as exc:
         problem = exc.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"]) or "the result"
-        raise EngineError(
-            f"the engine adapter ({engine}) returned a malformed generation: {where}: {problem['msg']}",
-            hint="report it to the adapter's authors",
-        ) from None
-    if len(checked.steps) != len(checked.tokens) or any(
-        step.token != token for step, token in zip(checked.steps, checked.tokens, strict=False)
-    ):
-        raise EngineError(
-            f"the engine adapter ({engine}) returned a malformed generation: its steps do not match its tokens",
-            hint="report it to the adapter's authors",
-        )
-    if any(step.logprob > 0 or any(lp > 0 for _, lp in step.top) for step in checked.steps):
-        raise EngineError(
-            f"the engine adapter ({engine}) returned a malformed generation: a logprob above 0",
-            hint="report it to the adapter's authors",
-        )
-    return checked
+        where = ".".join(str(part) for part in problem["loc"])
+        raise _malformed(engine, f"{where}: {problem['msg']}") from None
+    generation = seen.generation
+    if [step.token for step in generation.steps] != list(generation.tokens):
+        raise _malformed(engine, "its steps do not match its tokens")
+    if any(step.logprob > 0 or any(lp > 0 for _, lp in step.top) for step in generation.steps):
+        raise _malformed(engine, "a logprob above 0")
+    return seen
 
 
 def _child(payload: dict[str, Any], connection: Connection) -> None:
@@ -392,18 +398,9 @@ def _child(payload: dict[str, Any], connection: Connection) -> None:
         decoded: dict[int, str] = {}
         for job in request["jobs"]:
             doing(f"running the smoke prompt '{job['name']}'")
-            sampler = EffectiveSampler.model_validate_json(job["sampler"])
-            seen = observe(
-                loaded,
-                job["rendered"],
-                add_bos=job["add_bos"],
-                sampler=sampler,
-                max_tokens=job["max_tokens"],
-                stop=sampler.stop,
-                top_k=request["top_k"],
-            )
-            generation = _checked(seen.generation, name)
-            observations[job["name"]] = seen.model_copy(update={"generation": generation}).model_dump_json()
+            seen = _observe_checked(loaded, job, request["top_k"], name)
+            generation = seen.generation
+            observations[job["name"]] = seen.model_dump_json()
             # Explanations show tokens as text; decode the ones a report could name, while the model is here.
             wanted = {*generation.prompt_tokens, *generation.tokens, *job["decode"]}
             wanted |= {t for step in generation.steps for t, _ in step.top}
