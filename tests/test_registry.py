@@ -248,9 +248,9 @@ def test_http_errors_and_plain_http_elsewhere(tmp_path: Path, served: tuple[Serv
         resolve_registries([missing], cache_dir=tmp_path, include_bundled=False)
     assert str(caught.value) == f"registry 'c': {missing.url} answered HTTP 404 File not found; check the URL"
     remote = RegistrySource(name="c", url="http://example.org/r.tar.gz")
-    with pytest.raises(RegistryError) as caught:
+    with pytest.raises(RegistryError) as refused:
         resolve_registries([remote], cache_dir=tmp_path, include_bundled=False)
-    assert str(caught.value) == (
+    assert str(refused.value) == (
         "registry 'c': http://example.org/r.tar.gz: plain http is only allowed for 127.0.0.1 and localhost; use https://"
     )
 
