@@ -7,8 +7,11 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import subprocess
+import sys
 import tarfile
+import tempfile
 import threading
 from typing import TYPE_CHECKING
 
@@ -108,8 +111,21 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
 
 def test_bundled_registry_loads_and_its_digest_is_stable() -> None:
     first = load_bundled_registry()
-    again = load_bundled_registry()
-    assert first.pin == again.pin
+    # Stable means: the same in another process, with another hash seed, from another directory.
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from stacklock.registry.files import load_bundled_registry as load; print(load().pin.digest)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert again.stdout.strip() == first.pin.digest
     assert first.pin.name == "bundled"
     assert len(first.pin.digest) == 64
     assert len(first.rules) >= 30
@@ -119,6 +135,8 @@ def test_bundled_registry_loads_and_its_digest_is_stable() -> None:
 
 def test_digest_covers_paths_and_contents() -> None:
     base = {"registry.toml": b"a", "rules/x.toml": b"b"}
+    # Known value: hashlib on the literal stream b"registry.toml\0" b"1\0" b"a" b"rules/x.toml\0" b"1\0" b"b".
+    assert registry_digest(base) == "4caeaab80ab3b7d9c91e3a104653de34ec254d9883d6228f40d120567a3083f8"
     assert registry_digest(base) == registry_digest(dict(reversed(base.items())))
     assert registry_digest(base) != registry_digest({**base, "rules/x.toml": b"c"})
     assert registry_digest(base) != registry_digest({"registry.toml": b"a", "rules/y.toml": b"b"})

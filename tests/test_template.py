@@ -204,10 +204,6 @@ def test_undefined_renders_empty() -> None:
     assert render("a{{ nothing }}b{{ config }}{{ request }}c") == "abc"
 
 
-def test_renders_are_deterministic() -> None:
-    assert render(GEMMA, GEMMA_MESSAGES) == render(GEMMA, GEMMA_MESSAGES)
-
-
 def test_empty_conversation_is_refused() -> None:
     assert error_of(GEMMA, []) == (
         f"{LABEL}: cannot apply a chat template to an empty conversation; provide at least one message"
@@ -252,6 +248,9 @@ def test_syntax_error_names_the_line() -> None:
 def test_compile_check_accepts_gemma_and_extension_tags() -> None:
     compile_check(GEMMA, "gemma3-it.jinja")
     compile_check(GEN, "gen.jinja")
+    # The same extension tag, left open, is refused: the check parses, it does not just return.
+    with pytest.raises(TemplateError, match=r"^chat template \(gen\.jinja\)"):
+        compile_check("{% generation %}{{ m }}", "gen.jinja")
 
 
 # --- The sandbox --------------------------------------------------------------------------------------
@@ -402,7 +401,9 @@ def test_output_cap() -> None:
         f"{LABEL}: output exceeded 1000000 characters; "
         "the template writes runaway output; check its loops or raise RenderLimits.max_output_chars"
     )
-    assert len(render(template, limits=RenderLimits(max_output_chars=6_400_000))) == 6_400_000
+    # A generous time budget: this asserts the output cap, not the speed of a loaded CI machine.
+    limits = RenderLimits(max_output_chars=6_400_000, max_seconds=60.0)
+    assert len(render(template, limits=limits)) == 6_400_000
 
 
 def test_range_keeps_the_sandbox_cap() -> None:

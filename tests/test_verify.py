@@ -113,7 +113,7 @@ def test_golden_from_observation_rounds_logprobs_and_stores_short_prompts() -> N
     assert golden.top_logprobs == (((13, -0.1235), (14, -2.0)),)
     assert golden.prompt_tokens == (BOS, 10, 11, 12)
     assert golden.prompt_token_count == 4
-    assert golden.prompt_tokens_sha256 == sha256_tokens((BOS, 10, 11, 12))
+    assert golden.prompt_tokens_sha256 == "e58e0a447759fe987652c7da47241842136fd07d8df9d6b3f66bc119121b4852"
     assert golden.tokens == (13,)
     assert golden.stop_reason == "max-tokens"
 
@@ -126,8 +126,14 @@ def test_golden_keeps_only_the_digest_of_long_prompts() -> None:
 
 
 def test_token_digest_is_fixed() -> None:
-    # The digest format is part of the lock format: ids in decimal joined by commas.
-    assert sha256_tokens((1, 22, 333)) == sha256_text("1,22,333")
+    # The digest format is part of the lock format: ids in decimal joined by commas. Known values, computed
+    # once with hashlib on the literal bytes b"", b"1,22,333" and b"2,10,11,12"; a change would orphan every
+    # golden ever recorded.
+    assert sha256_tokens(()) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert sha256_tokens((1, 22, 333)) == "8915516745284e69425d3f566025a855f5a5718d6d44f09451fb19d0f61fc185"
+    assert (
+        sha256_tokens((BOS, 10, 11, 12)) == "e58e0a447759fe987652c7da47241842136fd07d8df9d6b3f66bc119121b4852"
+    )
 
 
 def test_recording_uses_kebab_case_identity_keys() -> None:
