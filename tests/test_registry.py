@@ -7,11 +7,8 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
-import tempfile
 import threading
 from typing import TYPE_CHECKING
 
@@ -24,6 +21,7 @@ from stacklock.registry.fetch import compare_pins, resolve_registries
 from stacklock.registry.files import json_schemas, load_bundled_registry, read_registry, registry_digest
 from stacklock.registry.query import find_stack, find_template, list_entries, search_entries, show_entry
 from stacklock.rules.predicates import evaluate, rules_for
+from tests.conftest import run_fresh
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -112,20 +110,10 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
 def test_bundled_registry_loads_and_its_digest_is_stable() -> None:
     first = load_bundled_registry()
     # Stable means: the same in another process, with another hash seed, from another directory.
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from stacklock.registry.files import load_bundled_registry as load; print(load().pin.digest)",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=tempfile.gettempdir(),
-        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    again = run_fresh(
+        "from stacklock.registry.files import load_bundled_registry as load; print(load().pin.digest)"
     )
-    assert again.stdout.strip() == first.pin.digest
+    assert again.strip() == first.pin.digest
     assert first.pin.name == "bundled"
     assert len(first.pin.digest) == 64
     assert len(first.rules) >= 30

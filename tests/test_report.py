@@ -19,6 +19,7 @@ from stacklock.verify.compare import (
     skipped,
     smoke_result,
 )
+from tests.conftest import run_fresh
 
 ENGINE = EngineIdentity(
     name="llama-cpp-python",
@@ -126,8 +127,9 @@ def test_junit_has_one_case_per_stage_with_failures_and_skips() -> None:
 
 
 def test_rendering_is_deterministic() -> None:
-    assert render_junit(make_report()) == render_junit(make_report())
-    assert render_json(make_report()) == render_json(make_report())
+    code = "from tests.test_report import make_report; from stacklock.report.verify import render_{0}; print(render_{0}(make_report()), end='')"
+    assert run_fresh(code.format("junit")) == render_junit(make_report())
+    assert run_fresh(code.format("json")) == render_json(make_report())
 
 
 def test_render_dispatch() -> None:
