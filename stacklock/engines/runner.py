@@ -98,6 +98,8 @@ class EngineSession:
     def __init__(
         self,
         engine: str,
+        model_path: Path,
+        backend: EffectiveBackend,
         process: BaseProcess,
         connection: Connection,
         log_path: Path,
@@ -105,6 +107,8 @@ class EngineSession:
         progress: Progress | None,
     ) -> None:
         self.engine = engine
+        self.model_path = model_path
+        self.backend = backend
         self._process = process
         self._connection = connection
         self._log_path = log_path
@@ -147,7 +151,7 @@ class EngineSession:
             "log": log_name,
         }
         process = context.Process(target=_child, args=(payload, child_end), daemon=True)
-        session = cls(engine, process, parent_end, log_path, limit, progress)
+        session = cls(engine, model_path, backend, process, parent_end, log_path, limit, progress)
         try:
             process.start()
             child_end.close()

@@ -110,11 +110,18 @@ def _observe(
     """Run the jobs on the caller's engine session, or on one started (and ended) for them."""
     if session is None:
         return run_engine(lock.engine.name, model_path, lock.backend, jobs, top_k=top_k, progress=progress)
+    # Jobs of several locks share a session only when it runs exactly what each lock pins.
     if session.engine != lock.engine.name:
-        raise errors.UsageError(
-            f"the engine session runs {session.engine}, but the lock names {lock.engine.name}",
-            hint="start one session per engine, model and backend",
-        )
+        mismatch = f"runs {session.engine}, but the lock names {lock.engine.name}"
+    elif session.model_path.resolve() != model_path.resolve():
+        mismatch = f"holds {session.model_path}, but the lock's model is {model_path}"
+    elif session.backend != lock.backend:
+        mismatch = "was started with another backend than the lock's"
+    else:
+        return session.observe(jobs, top_k=top_k)
+    raise errors.UsageError(
+        f"the engine session {mismatch}", hint="start one session per engine, model and backend"
+    )
     return session.observe(jobs, top_k=top_k)
 
 

@@ -266,11 +266,20 @@ def test_a_model_the_engine_refuses_is_an_engine_error(project: Path) -> None:
         EngineSession.start("fake", project / "not.gguf", lock.backend)
 
 
-def test_record_lock_refuses_a_session_of_another_engine(project: Path) -> None:
+def test_record_lock_refuses_a_session_that_runs_something_else(project: Path) -> None:
     lock = read_lock(project / "llmstack.lock")
-    other = lock.model_copy(update={"engine": lock.engine.model_copy(update={"name": "other"})})
+    other_engine = lock.model_copy(update={"engine": lock.engine.model_copy(update={"name": "other"})})
+    other_backend = lock.model_copy(update={"backend": lock.backend.model_copy(update={"context_size": 128})})
+    build_tiny_gguf(project / "other.gguf", seed=1)
     with (
-        EngineSession.start("fake", project / "tiny.gguf", lock.backend) as session,
-        pytest.raises(UsageError, match=r"^the engine session runs fake, but the lock names other; "),
+        EngineSession.start("fake", project / "other.gguf", lock.backend) as other_model,
+        pytest.raises(UsageError, match=r"^the engine session holds .*other\.gguf, but the lock's model is "),
     ):
-        record_lock(other, project, session=session)
+        record_lock(lock, project, session=other_model)
+    with EngineSession.start("fake", project / "tiny.gguf", lock.backend) as session:
+        with pytest.raises(UsageError, match=r"^the engine session runs fake, but the lock names other; "):
+            record_lock(other_engine, project, session=session)
+        with pytest.raises(
+            UsageError, match=r"^the engine session was started with another backend than the lock's"
+        ):
+            verify_lock(other_backend, project, session=session)
