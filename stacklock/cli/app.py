@@ -302,6 +302,27 @@ def check(
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 
+class DiffFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="The first lock.")],
+    new: Annotated[Path, typer.Argument(help="The second lock.")],
+    fmt: Annotated[DiffFormat, typer.Option("--format", help="Output format.")] = DiffFormat.TEXT,
+) -> None:
+    """Show what differs between two locks, link by link; exit 1 when they differ (like diff)."""
+    from stacklock.cli.diff import diff_lock_files  # noqa: PLC0415
+    from stacklock.report.diff import render  # noqa: PLC0415
+
+    result = diff_lock_files(old, new)
+    _echo(render(result, fmt.value))
+    if not result.identical:
+        raise typer.Exit(int(ExitCode.STACK_WRONG))
+
+
 registry_app = typer.Typer(
     help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True
 )

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from stacklock.gguf.reader import GGUFFile
 
 #: Bump when the summary changes, so older cache entries are ignored rather than misread.
-HEADER_CACHE_VERSION = 1
+HEADER_CACHE_VERSION = 3
 
 #: Token texts that engines treat as end of generation or turn markers; the lock records which ones exist.
 KNOWN_SPECIAL_TEXTS = (
@@ -40,6 +40,17 @@ KNOWN_SPECIAL_TEXTS = (
     "<|return|>",
     "</s>",
 )
+
+
+class TensorEntry(Model):
+    """One tensor's header entry, as the structural checks need it (no data is read)."""
+
+    name: str = Field(description="The tensor's name.")
+    shape: tuple[int, ...] = Field(description="Its shape in GGUF order (ne[0] first).")
+    type: str = Field(description="Its ggml type.")
+    offset: int = Field(description="Its data offset within its part's data region.")
+    size: int = Field(description="Its data size in bytes, from the type's block size.")
+    part: int = Field(default=0, description="The split part that holds it.")
 
 
 class ModelHeader(Model):
@@ -61,6 +72,8 @@ class ModelHeader(Model):
     special_texts: tuple[str, ...] = Field(
         default=(), description="Known special token texts in the vocabulary."
     )
+    # Required, so that a cache entry written without tensor infos is a miss whatever its version says.
+    tensors: tuple[TensorEntry, ...] = Field(description="Every tensor's header entry.")
 
     @property
     def chat_template(self) -> str | None:
@@ -105,6 +118,12 @@ def header_from_gguf(gguf: GGUFFile) -> ModelHeader:
         # A file without a vocabulary cannot be locked; the fingerprint says so in one line.
         tokenizer=fingerprint_tokenizer(gguf),
         special_texts=special,
+        tensors=tuple(
+            TensorEntry(
+                name=t.name, shape=t.shape, type=t.type_name, offset=t.offset, size=t.n_bytes, part=t.part
+            )
+            for t in gguf.tensors
+        ),
     )
 
 
