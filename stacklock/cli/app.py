@@ -189,6 +189,7 @@ class VerifyFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
     JUNIT = "junit"
+    MARKDOWN = "markdown"
 
 
 @app.command()
@@ -204,6 +205,13 @@ def verify(
             "--tolerance",
             min=0.0,
             help="Accept a divergence at a near-tie: the golden token is in the top-k and within this logprob gap.",
+        ),
+    ] = None,
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            help="Also append a Markdown summary to this file (in GitHub Actions: $GITHUB_STEP_SUMMARY).",
         ),
     ] = None,
 ) -> None:
@@ -223,6 +231,18 @@ def verify(
     lock_path = _lock_path(manifest)
     report = verify_stack(lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance))
     _echo(render(report, fmt.value).rstrip("\n"))
+    if summary is not None:
+        from stacklock.report.verify import render_markdown  # noqa: PLC0415
+
+        # A step summary is appended to, as GitHub Actions expects: several steps may write to one file.
+        try:
+            with summary.open("a", encoding="utf-8") as handle:
+                handle.write(render_markdown(report))
+        except OSError as exc:
+            raise UsageError(
+                f"--summary {summary}: cannot append to it ({exc.strerror or exc})",
+                hint="give a writable file path",
+            ) from None
     if certificate is not None:
         from stacklock.lock.project import read_lock  # noqa: PLC0415
 
@@ -269,36 +289,15 @@ def check(
     fmt: Annotated[CheckFormat, typer.Option("--format", help="Output format.")] = CheckFormat.TEXT,
     offline: Annotated[bool, typer.Option("--offline", help="Use only cached registries.")] = False,
 ) -> None:
-    """Evaluate the lock, and the engine installed here, against the registries' rules. No model runs."""
-    from stacklock import __version__  # noqa: PLC0415
-    from stacklock.engines.machine import installed_engine_version  # noqa: PLC0415
-    from stacklock.lock.project import read_lock, read_manifest  # noqa: PLC0415
-    from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
-    from stacklock.report.check import render_check_json, render_check_text  # noqa: PLC0415
-    from stacklock.report.sarif import render_sarif  # noqa: PLC0415
-    from stacklock.rules.check import check_stack  # noqa: PLC0415
+    """Evaluate the lock (or a refused manifest) against the registries' rules and the template probes.
 
-    lock_path = _lock_path(manifest)
-    locked = read_lock(lock_path)
-    sources = read_manifest(manifest)[0].registries if manifest.exists() else ()
-    registries = resolve_registries(
-        sources, pins=locked.registries, offline=offline, base_dir=manifest.parent
-    )
-    result = check_stack(locked, registries, installed_engine_version(locked.engine.name))
-    if fmt is CheckFormat.SARIF:
-        _echo(
-            render_sarif(
-                result.findings,
-                artifact_uri=lock_path.name,
-                allowances=result.allowances,
-                tool_version=__version__,
-            ).rstrip("\n")
-        )
-    elif fmt is CheckFormat.JSON:
-        _echo(render_check_json(result))
-    else:
-        _echo(render_check_text(result))
-    if not result.ok:
+    No model runs.
+    """
+    from stacklock.cli.check import run_check  # noqa: PLC0415
+
+    output = run_check(manifest, _lock_path(manifest), fmt.value, offline=offline)
+    _echo(output.text)
+    if not output.ok:
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 

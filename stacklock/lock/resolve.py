@@ -31,8 +31,9 @@ from stacklock.model.lock import (
     pin_metadata_value,
 )
 from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
+from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import evaluate, rules_for, split_allowed
+from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
@@ -77,8 +78,17 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
     )
-    computed = evaluate(rules_for(inputs.registries), facts_from_lock(lock)) + check_structure(header)
-    findings = tuple(sorted(computed, key=lambda f: (list(Severity).index(f.severity), f.rule)))
+    # Built-in checks (template probes, pre-tokenizers, the GGUF's structure) report like rules, so --allow, lock refusal and `check` treat both alike.
+    findings = tuple(
+        sorted(
+            (
+                *evaluate(rules_for(inputs.registries), facts_from_lock(lock)),
+                *run_checks(lock, inputs.registries).findings,
+                *check_structure(header),
+            ),
+            key=finding_sort_key,
+        )
+    )
     fired = {f.rule for f in findings if f.severity is Severity.ERROR}
     given = {a.rule for a in allow}
     kept = [a for a in carried if a.rule in fired and a.rule not in given]
@@ -136,6 +146,7 @@ def pin_model(
         context_length=header.context_length,
         chat_template_sha256=_sha256_text(header.chat_template),
         special_texts=header.special_texts,
+        special_texts_complete=True,
         metadata=scalars,
         arrays=header.arrays,
     )

@@ -99,7 +99,18 @@ class ModelPin(Model):
     )
     special_texts: tuple[str, ...] = Field(
         default=(),
-        description="End-of-turn and control token texts engines look for, found in the vocabulary.",
+        description=(
+            "The vocabulary's special-token texts a template may emit (control and user-defined tokens shaped "
+            "like markers, numbered placeholders left out, at most 512); the template probes check renders "
+            "against them."
+        ),
+    )
+    special_texts_complete: bool = Field(
+        default=False,
+        description=(
+            "Whether special-texts lists every marker-shaped special token; locks written before the template "
+            "probes list only known end-of-turn texts, so the probes do not judge markers by them."
+        ),
     )
     metadata: dict[str, MetadataValue] = Field(
         default_factory=dict,
