@@ -143,6 +143,7 @@ def render_markdown(report: VerifyReport, *, title: str = "stacklock verify") ->
         lines += [f"Engine: `{engine.name}` {engine.version}{build} on {engine.backend} ({engine.cpu})", ""]
     lines += ["| smoke prompt | result | stage | detail |", "|---|---|---|---|"]
     for result in report.results:
+        row: tuple[str, str, str]
         if result.first_failure is not None:
             stage = next(s for s in result.stages if s.status == "fail")
             row = ("❌ failed", stage.stage, f"{stage.detail}. {result.explanation}")
