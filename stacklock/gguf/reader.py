@@ -872,7 +872,9 @@ def parse_gguf_header(parts: Sequence[HeaderBytes]) -> GGUFFile:
         if item.file_size == 0:
             raise GGUFError(f"{item.display}: the file is empty", hint=_INCOMPLETE)
         try:
-            parsed.append(_parse_part(_Parser(item.data, len(item.data), item.display, item.file_size), index))
+            parsed.append(
+                _parse_part(_Parser(item.data, len(item.data), item.display, item.file_size), index)
+            )
         except HeaderIncomplete as exc:
             exc.part = index
             raise

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stacklock.engines.machine import installed_engine_version
@@ -22,7 +22,8 @@ from stacklock.model.manifest import Manifest
 from stacklock.registry.fetch import resolve_registries
 from stacklock.registry.files import LoadedRegistry
 from stacklock.registry.query import find_template
-from stacklock.sources.model import HubSource, fetch_model, parse_model_source
+from stacklock.sources.hub import env_true, read_remote_header, stat_hub_model
+from stacklock.sources.model import HubSource, ModelSource, fetch_model, parse_model_source
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,11 @@ class Inputs:
     manifest: Manifest
     manifest_data: Mapping[str, Any]
     base_dir: Path
-    model_path: Path
+    model_path: Path | None
+    """The model file on disk; None for a hub model locked from its header alone."""
     model_revision: str | None
     model_sha256: str
+    model_size: int
     parts: tuple[FilePin, ...]
     header: ModelHeader
     template: ResolvedTemplate
@@ -66,21 +69,18 @@ def load_inputs(
     source = parse_model_source(manifest.model.source)
     if isinstance(source, HubSource) and model_revision is not None:
         source = HubSource(source.repo, model_revision, source.path)
-    fetched = fetch_model(source, base, offline=offline)
     hashes = cache or HashCache()
-    digest = hashes.sha256(fetched.path, use_cache=use_cache, progress=progress)
-    header, part_paths = _header(fetched.path, digest, hashes, use_cache=use_cache, progress=progress)
+    if isinstance(source, HubSource) and not (offline or env_true("HF_HUB_OFFLINE")):
+        model = _remote_model(source, hashes, use_cache=use_cache)
+    else:
+        model = _local_model(source, base, hashes, use_cache=use_cache, progress=progress, offline=offline)
     hashes.save()
-    if manifest.model.sha256 is not None and digest != manifest.model.sha256:
+    if manifest.model.sha256 is not None and model.sha256 != manifest.model.sha256:
         raise SourceError(
-            f"model.sha256: {_rel(fetched.path, base)} has sha256 {digest}, the manifest expects "
+            f"model.sha256: {model.shown} has sha256 {model.sha256}, the manifest expects "
             f"{manifest.model.sha256}",
             hint="the file changed; get the expected file back or update model.sha256",
         )
-    parts = tuple(
-        FilePin(path=_rel(p, base), sha256=d, size=p.stat().st_size)
-        for p, d in zip(part_paths, header.part_sha256, strict=True)
-    )
     registries = resolve_registries(
         manifest.registries, pins=registry_pins, offline=offline, refresh=refresh_registries, base_dir=base
     )
@@ -88,15 +88,70 @@ def load_inputs(
         manifest=manifest,
         manifest_data=data,
         base_dir=base,
-        model_path=fetched.path,
-        model_revision=fetched.revision,
-        model_sha256=digest,
-        parts=parts,
-        header=header,
-        template=load_template(manifest, header, base, registries),
+        model_path=model.path,
+        model_revision=model.revision,
+        model_sha256=model.sha256,
+        model_size=model.size,
+        parts=model.parts,
+        header=model.header,
+        template=load_template(manifest, model.header, base, registries),
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
     )
+
+
+@dataclass(frozen=True)
+class _Model:
+    path: Path | None
+    shown: str
+    revision: str | None
+    sha256: str
+    size: int
+    parts: tuple[FilePin, ...]
+    header: ModelHeader
+
+
+def _local_model(
+    source: ModelSource,
+    base: Path,
+    hashes: HashCache,
+    *,
+    use_cache: bool,
+    progress: HashProgress | None,
+    offline: bool,
+) -> _Model:
+    """A model file on disk (or in the hub cache, offline): hashed, its header parsed (both cached)."""
+    fetched = fetch_model(source, base, offline=offline)
+    digest = hashes.sha256(fetched.path, use_cache=use_cache, progress=progress)
+    header, part_paths = _header(fetched.path, digest, hashes, use_cache=use_cache, progress=progress)
+    if isinstance(source, HubSource):
+        # Parts of a hub model are pinned where verify finds them: in the repository, at the commit.
+        folder = str(PurePosixPath(source.path).parent)
+        at = f"hf://{source.repo}@{fetched.revision}/" + ("" if folder == "." else f"{folder}/")
+        labels = [at + p.name for p in part_paths]
+    else:
+        labels = [_rel(p, base) for p in part_paths]
+    parts = tuple(
+        FilePin(path=label, sha256=d, size=p.stat().st_size)
+        for label, p, d in zip(labels, part_paths, header.part_sha256, strict=True)
+    )
+    size = fetched.path.stat().st_size
+    return _Model(fetched.path, _rel(fetched.path, base), fetched.revision, digest, size, parts, header)
+
+
+def _remote_model(source: HubSource, hashes: HashCache, *, use_cache: bool) -> _Model:
+    """A hub model pinned without downloading it: LFS digests and sizes, and the header from range reads."""
+    files = stat_hub_model(source.repo, source.revision, source.path)
+    first, others = files[0], files[1:]
+    digest = first.sha256 or ""
+    digests = tuple(f.sha256 or "" for f in others)
+    headers = HeaderCache(hashes.path.parent)
+    header = headers.get(digest) if use_cache else None
+    if header is None or header.part_sha256 != digests:
+        header = header_from_gguf(read_remote_header(files).gguf).model_copy(update={"part_sha256": digests})
+        headers.put(digest, header)
+    parts = tuple(FilePin(path=f.location, sha256=f.sha256 or "", size=f.size) for f in others)
+    return _Model(None, first.location, first.commit, digest, first.size, parts, header)
 
 
 def _header(

@@ -93,7 +93,7 @@ def _model_pin(inputs: Inputs) -> ModelPin:
         path=model_location(inputs),
         revision=inputs.model_revision,
         sha256=inputs.model_sha256,
-        size=inputs.model_path.stat().st_size,
+        size=inputs.model_size,
         parts=inputs.parts,
         gguf_version=header.version,
         architecture=header.architecture,
@@ -114,6 +114,8 @@ def model_location(inputs: Inputs) -> str:
     source = parse_model_source(inputs.manifest.model.source)
     if isinstance(source, HubSource):
         return f"hf://{source.repo}@{inputs.model_revision or source.revision}/{source.path}"
+    if inputs.model_path is None:  # Only hub models are locked without a local file.
+        return inputs.manifest.model.source
     return _rel(inputs.model_path, inputs.base_dir)
 
 

@@ -13,16 +13,20 @@ Tokens come from ``HF_TOKEN`` (or the token file) through huggingface-hub and ar
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from stacklock.errors import GGUFError, NetworkError, SourceError
 from stacklock.files.digest import HashCache
-from stacklock.gguf.reader import GGUFFile, HeaderBytes, HeaderIncomplete, parse_gguf_header
+
+if TYPE_CHECKING:
+    from stacklock.gguf.reader import GGUFFile
 
 #: The first range read of a GGUF header; real vocabularies make headers of 1 to 10 MB.
 FIRST_READ = 512 << 10
@@ -124,6 +128,10 @@ def hub_errors(where: str) -> Iterator[None]:
     )
 
     token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
+    # huggingface_hub logs each retry to stderr; the error below says it in one line instead.
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         yield
     except GatedRepoError:
@@ -170,13 +178,20 @@ def hub_errors(where: str) -> Iterator[None]:
     except (httpx2.HTTPError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise NetworkError(f"{where}: {reason}", hint="check the network or HF_ENDPOINT") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
-def stat_hub_file(repo: str, revision: str, path: str, *, endpoint: str | None = None) -> HubFile:
-    """The commit ``revision`` names and the file's sha256 and size, from one ``HEAD`` (no download)."""
+def stat_hub_file(
+    repo: str, revision: str, path: str, *, endpoint: str | None = None, link: str = "model.source"
+) -> HubFile:
+    """The commit ``revision`` names and the file's sha256 and size, from one ``HEAD`` (no download).
+
+    ``link`` is the manifest key errors name.
+    """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url  # noqa: PLC0415
 
-    where = f"hf://{repo}@{revision}/{path}"
+    where = f"{link}: hf://{repo}@{revision}/{path}"
     if env_true("HF_HUB_OFFLINE"):
         raise NetworkError(f"{where}: HF_HUB_OFFLINE is set, so the hub cannot be asked", hint="unset it")
     with hub_errors(where):
@@ -198,6 +213,7 @@ def stat_hub_file(repo: str, revision: str, path: str, *, endpoint: str | None =
 
 def read_hub_range(file: HubFile, start: int, end: int) -> bytes:
     """Bytes ``start`` to ``end`` (exclusive) of a hub file, by one HTTP range request (with retries)."""
+    import httpx2  # noqa: PLC0415
     from huggingface_hub import hf_raise_for_status  # noqa: PLC0415
 
     # Public names that huggingface_hub.utils exports lazily, which mypy cannot see.
@@ -230,10 +246,13 @@ def read_hub_range(file: HubFile, start: int, end: int) -> bytes:
                 f"{file.location}: the server ignored a range request (HTTP {response.status_code})",
                 hint="HF_ENDPOINT must serve byte ranges, as huggingface.co does",
             )
-        for chunk in response.iter_bytes():
-            data += chunk
-            if len(data) > end - start:
-                break
+        # A body cut short must not escape into the backoff context (it cannot retry a stream it handed out):
+        # it shows as a short read below.
+        with contextlib.suppress(httpx2.TransportError):
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > end - start:
+                    break
     if len(data) != end - start:
         raise NetworkError(
             f"{file.location}: bytes {start}-{end - 1} came back as {len(data)} bytes",
@@ -252,17 +271,34 @@ class RemoteModel:
     bytes_read: int
 
 
-def read_remote_model(repo: str, revision: str, path: str, *, endpoint: str | None = None) -> RemoteModel:
-    """Pin every part of a hub GGUF (commit, sha256, size) and parse its header from range reads."""
+def stat_hub_model(
+    repo: str, revision: str, path: str, *, endpoint: str | None = None
+) -> tuple[HubFile, ...]:
+    """Every part of a hub GGUF (one, or all of a split file) at one commit, each with its sha256 and size."""
     names = split_part_names(path)
     first = stat_hub_file(repo, revision, path, endpoint=endpoint)
-    files = [first] + [stat_hub_file(repo, first.commit, name, endpoint=endpoint) for name in names[1:]]
+    files = (first, *(stat_hub_file(repo, first.commit, name, endpoint=endpoint) for name in names[1:]))
     for file in files:
         if file.sha256 is None:
             raise SourceError(
-                f"{file.location}: the hub gives no sha256 for this file (it is not stored with LFS)",
+                f"model.source: {file.location}: the hub gives no sha256 for this file (it is not stored with LFS)",
                 hint="a GGUF model on the hub is an LFS file; check the path",
             )
+    return files
+
+
+@dataclass(frozen=True)
+class RemoteHeader:
+    gguf: GGUFFile
+    bytes_read: int
+    """How many bytes of the files were transferred to read their headers."""
+
+
+def read_remote_header(files: tuple[HubFile, ...]) -> RemoteHeader:
+    """Parse a hub GGUF's header (every part's) from HTTP range reads of only the header bytes, roughly."""
+    # numpy (under the reader) is imported only when a header is parsed, not on a cache hit.
+    from stacklock.gguf.reader import HeaderBytes, HeaderIncomplete, parse_gguf_header  # noqa: PLC0415
+
     prefixes = [b""] * len(files)
     deadline = time.monotonic() + HEADER_DEADLINE_S
     read = 0
@@ -274,7 +310,7 @@ def read_remote_model(repo: str, revision: str, path: str, *, endpoint: str | No
                     for f, data in zip(files, prefixes, strict=True)
                 ]
             )
-            return RemoteModel(first.commit, tuple(files), gguf, read)
+            return RemoteHeader(gguf, read)
         except HeaderIncomplete as more:
             file, have = files[more.part], len(prefixes[more.part])
             want = min(file.size, max(more.at_least, have + have // GROWTH, FIRST_READ))

@@ -23,7 +23,8 @@ from stacklock.lock.project import read_lock, read_manifest, write_lock
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
-from stacklock.sources.model import fetch_model, parse_model_source
+from stacklock.sources.hub import download_hub_file
+from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.verify.compare import (
     StageResult,
     Tolerance,
@@ -48,24 +49,32 @@ def check_engine(lock: Lock) -> None:
         )
 
 
-def locate(location: str, base: Path) -> Path | None:
-    """A locked file on disk (relative to the manifest, or a hub file at its pinned commit in the local cache).
+def locate(location: str, base: Path, *, sha256: str | None = None, download: bool = False) -> Path | None:
+    """A locked file on disk (relative to the manifest, or a hub file at its pinned commit in the hub cache).
 
-    None when it is not there: verify never downloads.
+    None when it is not there. With ``download``, a hub file missing from the cache is downloaded at the locked
+    commit and checked against ``sha256`` before it is used; a download that fails is an error (exit 3).
     """
-    if not location.startswith("hf://"):
+    source = parse_model_source(location)
+    if not isinstance(source, HubSource):
         path = base / location
         return path if path.is_file() else None
     try:
-        return fetch_model(parse_model_source(location), base, offline=True).path
+        path, _ = download_hub_file(
+            source.repo, source.revision, source.path, offline=not download, sha256=sha256
+        )
+    except errors.NetworkError:
+        if download:
+            raise
+        return None
     except StacklockError:
         return None
+    return path
 
 
-def model_files(lock: Lock, base: Path) -> dict[str, Path | None]:
-    files = {lock.model.path: locate(lock.model.path, base)}
-    files.update({part.path: locate(part.path, base) for part in lock.model.parts})
-    return files
+def model_files(lock: Lock, base: Path, *, download: bool = False) -> dict[str, Path | None]:
+    pins = [(lock.model.path, lock.model.sha256), *((p.path, p.sha256) for p in lock.model.parts)]
+    return {label: locate(label, base, sha256=sha, download=download) for label, sha in pins}
 
 
 def _require_model(lock: Lock, base: Path) -> Path:
@@ -84,8 +93,11 @@ def _job(lock: Lock, pin: SmokePin) -> Job:
     return Job(pin.name, rendered, pin.max_tokens, effective_add_bos(pin, rendered, lock.tokenizer))
 
 
-def record(lock_path: Path, *, top_k: int = 5) -> Lock:
-    """Run every smoke prompt and store its golden in the lock (written atomically)."""
+def record(lock_path: Path, *, top_k: int = 5, offline: bool = False) -> Lock:
+    """Run every smoke prompt and store its golden in the lock (written atomically).
+
+    Hub files missing from the hub cache are downloaded at their locked commit, unless ``offline``.
+    """
     lock = read_lock(lock_path)
     base = lock_path.parent
     check_engine(lock)
@@ -93,7 +105,7 @@ def record(lock_path: Path, *, top_k: int = 5) -> Lock:
         raise errors.LockError(
             f"{lock_path}: no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
-    artifacts = _artifacts(lock, base, HashCache())
+    artifacts = _artifacts(lock, base, HashCache(), download=not offline)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
     run = run_engine(lock, _require_model(lock, base), [_job(lock, p) for p in lock.smoke], top_k=top_k)
@@ -109,10 +121,10 @@ def record(lock_path: Path, *, top_k: int = 5) -> Lock:
     return recorded
 
 
-def _artifacts(lock: Lock, base: Path, cache: HashCache) -> StageResult:
+def _artifacts(lock: Lock, base: Path, cache: HashCache, *, download: bool = False) -> StageResult:
     expected = {lock.model.path: lock.model.sha256} | {p.path: p.sha256 for p in lock.model.parts}
     observed: dict[str, str | None] = {}
-    for label, path in model_files(lock, base).items():
+    for label, path in model_files(lock, base, download=download).items():
         observed[label] = None if path is None else cache.sha256(path)
     cache.save()
     return compare_artifacts(expected, observed)
@@ -132,8 +144,11 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
         return None
 
 
-def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyReport:
-    """Re-run every smoke prompt and compare each stage with the goldens."""
+def verify(lock_path: Path, *, tolerance: Tolerance | None = None, offline: bool = False) -> VerifyReport:
+    """Re-run every smoke prompt and compare each stage with the goldens.
+
+    Hub files missing from the hub cache are downloaded at their locked commit, unless ``offline``.
+    """
     lock = read_lock(lock_path)
     base = lock_path.parent
     if not lock.smoke:
@@ -141,7 +156,7 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
             f"{lock_path}: no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
     check_engine(lock)
-    artifacts = _artifacts(lock, base, HashCache())
+    artifacts = _artifacts(lock, base, HashCache(), download=not offline)
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
     text = lock.template.text

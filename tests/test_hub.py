@@ -1,0 +1,266 @@
+"""Hub sources without downloading: lock from the LFS digest and a ranged header read; verify fetches exactly the
+locked bytes; every failure of the hub is one line.
+
+The real huggingface-hub client talks to the hub-compatible server of :mod:`tests.hub_server` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import pytest
+
+from stacklock.errors import ExitCode, NetworkError, SourceError
+from stacklock.lock.project import read_lock
+from stacklock.sources.hub import read_remote_header, stat_hub_model
+from stacklock.verify.session import model_files
+from tests.conftest import CHATML, Result
+from tests.gguf_builder import TypedValue, build_tiny_gguf
+from tests.hub_server import Fault, Hub
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+NEW_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+REPO = "tiny-org/tiny-gguf"
+
+MANIFEST = """\
+[stack]
+name = "tiny-hub"
+
+[model]
+source = "{source}"
+
+[engine]
+name = "llama.cpp"
+version = "==b4628"
+"""
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> bytes:
+    # A tail of zero bytes stands in for the weights, so that a download of the whole file would show.
+    (tmp_path / "built").mkdir()
+    path = build_tiny_gguf(tmp_path / "built" / "tiny.gguf", chat_template=CHATML)
+    return path.read_bytes() + bytes(4 << 20)
+
+
+@pytest.fixture
+def split(tmp_path: Path) -> dict[str, bytes]:
+    (tmp_path / "split").mkdir()
+    first = build_tiny_gguf(tmp_path / "split" / "m.gguf", split_max_tensors=8, chat_template=CHATML)
+    return {p.name: p.read_bytes() for p in sorted(first.parent.glob("m-*.gguf"))}
+
+
+def _project(tmp_path: Path, source: str) -> Path:
+    project = tmp_path / "project"
+    project.mkdir(exist_ok=True)
+    (project / "llmstack.toml").write_text(MANIFEST.format(source=source), encoding="utf-8")
+    return project
+
+
+def _cached_files(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "hf-cache").rglob("*") if p.is_file()]
+
+
+# ------------------------------------------------------------------------------------ lock without download
+
+
+def test_lock_reads_only_the_header(hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]) -> None:
+    hub.add(REPO, COMMIT, {"gguf/tiny.gguf": model})
+    project = _project(tmp_path, f"hf://{REPO}/gguf/tiny.gguf")
+    result = cli("lock", cwd=project)
+    assert result.code == 0, result.err
+    lock = read_lock(project / "llmstack.lock")
+    assert lock.model.sha256 == _sha(model)
+    assert lock.model.size == len(model)
+    assert lock.model.revision == COMMIT
+    assert lock.model.path == f"hf://{REPO}@{COMMIT}/gguf/tiny.gguf"
+    assert lock.template.text == CHATML
+    assert hub.bytes_sent < 1 << 20  # The header, not the 4 MiB of "weights".
+    assert _cached_files(tmp_path) == []  # Nothing was downloaded.
+    ranged = [r for r in hub.requests if r.startswith("GET /blobs/")]
+    assert ranged, hub.requests
+
+
+def test_a_remote_lock_equals_a_local_lock(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    assert cli("lock", cwd=project).code == 0
+    remote = read_lock(project / "llmstack.lock")
+    assert cli("lock", "--offline", cwd=project).code == 3  # Offline, from an empty cache: nothing to read.
+    # Downloaded once (by verify's fetch), an offline lock reads the cached file: the same pins.
+    assert model_files(remote, project, download=True)
+    assert cli("lock", "--offline", cwd=project).code == 0
+    local = read_lock(project / "llmstack.lock")
+    assert local.model == remote.model
+    assert local.tokenizer == remote.tokenizer
+
+
+def test_the_header_is_read_in_a_few_ranges(hub: Hub, tmp_path: Path) -> None:
+    # A header larger than the first read: the prefix grows, and little more than the header is transferred.
+    words = [f"word{i:06d}" for i in range(200_000)]
+    tags = TypedValue(words, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+    path = build_tiny_gguf(tmp_path / "big.gguf", extra_metadata={"general.tags": tags})
+    data = path.read_bytes() + bytes(8 << 20)
+    hub.add(REPO, COMMIT, {"big.gguf": data})
+    files = stat_hub_model(REPO, "main", "big.gguf")
+    header = read_remote_header(files)
+    assert len(header.gguf.metadata["general.tags"]) == 200_000
+    data_start = min(t.file_offset for t in header.gguf.tensors)
+    assert data_start <= header.bytes_read <= 1.1 * data_start
+    assert header.bytes_read < len(data) // 3
+
+
+def test_split_model_every_part_is_pinned(
+    hub: Hub, split: dict[str, bytes], tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    assert len(split) == 3
+    hub.add(REPO, COMMIT, dict(split))
+    project = _project(tmp_path, f"hf://{REPO}/m-00001-of-00003.gguf")
+    result = cli("lock", cwd=project)
+    assert result.code == 0, result.err
+    lock = read_lock(project / "llmstack.lock")
+    assert lock.model.sha256 == _sha(split["m-00001-of-00003.gguf"])
+    assert [(p.path, p.sha256, p.size) for p in lock.model.parts] == [
+        (f"hf://{REPO}@{COMMIT}/{name}", _sha(data), len(data))
+        for name, data in split.items()
+        if not name.startswith("m-00001")
+    ]
+    assert _cached_files(tmp_path) == []
+    # Verify's fetch downloads every part, at the locked commit, each checked against its pin.
+    files = model_files(lock, project, download=True)
+    assert sorted(p.name for p in files.values() if p) == sorted(split)
+
+
+def test_a_later_part_named_as_the_source_is_refused(hub: Hub, split: dict[str, bytes]) -> None:
+    hub.add(REPO, COMMIT, dict(split))
+    with pytest.raises(SourceError) as info:
+        stat_hub_model(REPO, "main", "m-00002-of-00003.gguf")
+    assert "is part 2 of 3" in str(info.value)
+
+
+# --------------------------------------------------------------------------- verify fetches the locked bytes
+
+
+def _lock(hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]) -> Path:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    assert cli("lock", cwd=project).code == 0
+    return project
+
+
+def test_verify_fetches_the_locked_commit_after_the_branch_moved(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    project = _lock(hub, model, tmp_path, cli)
+    hub.add(REPO, NEW_COMMIT, {"tiny.gguf": model + b"re-uploaded"})  # main moves; the file is re-uploaded.
+    lock = read_lock(project / "llmstack.lock")
+    path = model_files(lock, project, download=True)[lock.model.path]
+    assert path is not None
+    assert path.read_bytes() == model
+    assert path.parts[-2] == COMMIT
+    # A warm cache: no request at all, even with the hub gone.
+    hub.requests.clear()
+    hub.faults.append(Fault("", status=500, times=100))
+    assert model_files(lock, project, download=True)[lock.model.path] == path
+    assert hub.requests == []
+
+
+def test_verify_refuses_bytes_that_do_not_match_the_lock(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    project = _lock(hub, model, tmp_path, cli)
+    # The hub now serves other bytes under the locked commit (a re-upload that rewrote history).
+    hub.add(REPO, COMMIT, {"tiny.gguf": model + b"tampered"})
+    lock = read_lock(project / "llmstack.lock")
+    with pytest.raises(NetworkError) as info:
+        model_files(lock, project, download=True)
+    assert f"the downloaded file has sha256 {_sha(model + b'tampered')}, the lock pins {_sha(model)}" in str(
+        info.value
+    )
+
+
+def test_offline_verify_downloads_nothing(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = _lock(hub, model, tmp_path, cli)
+    lock = read_lock(project / "llmstack.lock")
+    hub.requests.clear()
+    assert model_files(lock, project) == {lock.model.path: None}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NetworkError) as info:
+        model_files(lock, project, download=True)
+    assert "not in the local hub cache" in str(info.value)
+    assert hub.requests == []
+
+
+# ---------------------------------------------------------------------------------------- faults of the hub
+
+
+def test_a_server_error_is_retried(hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]) -> None:
+    hub.faults.append(Fault("HEAD /", status=503))
+    hub.faults.append(Fault("GET /blobs/", status=500))
+    project = _lock(hub, model, tmp_path, cli)
+    assert (project / "llmstack.lock").exists()
+    assert all(f.times == 0 for f in hub.faults)
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (Fault("HEAD /", status=429, times=99), "rate limited by the hub (HTTP 429) after 3 retries"),
+        (Fault("HEAD /", status=503, times=99), "the hub answered HTTP 503 after 3 retries"),
+        (Fault("HEAD /", status=401, times=99), "the hub refused access (HTTP 401; HF_TOKEN is not set)"),
+        (Fault("HEAD /", status=403, times=99), "the hub refused access (HTTP 403; HF_TOKEN is not set)"),
+        (Fault("HEAD /", stall=1.5, times=99), "the hub did not answer in time after 3 retries"),
+        (Fault("GET /blobs/", stall=1.5, times=99), "the hub did not answer in time after 3 retries"),
+        (Fault("GET /blobs/", truncate=10, times=99), "came back as"),
+    ],
+)
+def test_hub_faults_are_one_line_exit_3(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result], fault: Fault, message: str
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    hub.faults.append(fault)
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    result = cli("lock", cwd=project)
+    assert result.code == ExitCode.UNAVAILABLE, result.err
+    assert result.err.startswith("error: model.source: hf://") or result.err.startswith("error: hf://")
+    assert message in result.err
+    assert result.err.count("\n") == 1
+    assert "Traceback" not in result.err
+    assert not (project / "llmstack.lock").exists()
+
+
+def test_a_gated_repository_names_the_token_variable(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    hub.gated.add(REPO)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_never_printed")
+    result = cli("lock", cwd=_project(tmp_path, f"hf://{REPO}/tiny.gguf"))
+    assert result.code == ExitCode.UNAVAILABLE
+    assert "the repository is gated and this token has no access (HF_TOKEN is set)" in result.err
+    assert "hf_secret" not in result.err + result.out
+
+
+def test_a_truncated_download_is_not_used(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    project = _lock(hub, model, tmp_path, cli)
+    lock = read_lock(project / "llmstack.lock")
+    hub.faults.append(Fault("GET /blobs/", truncate=1000, times=99))
+    with pytest.raises(NetworkError) as info:
+        model_files(lock, project, download=True)
+    assert info.value.exit_code == ExitCode.UNAVAILABLE
+    assert "\n" not in str(info.value)
+    snapshots = [p for p in _cached_files(tmp_path) if "snapshots" in p.parts]
+    assert snapshots == []
