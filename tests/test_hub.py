@@ -264,3 +264,28 @@ def test_a_truncated_download_is_not_used(
     assert "\n" not in str(info.value)
     snapshots = [p for p in _cached_files(tmp_path) if "snapshots" in p.parts]
     assert snapshots == []
+
+
+# ---------------------------------------------------------------------------------------- moving revisions
+
+
+def test_relock_keeps_the_locked_commit_until_upgrade(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    project = _lock(hub, model, tmp_path, cli)
+    moved = model + b"new upload"
+    hub.add(REPO, NEW_COMMIT, {"tiny.gguf": moved})  # main moves on.
+    check = cli("lock", "--check", cwd=project)
+    assert check.code == 0, check.err  # A moved branch is information, not staleness.
+    assert (
+        f"info: model: hf://{REPO}@main has moved to {NEW_COMMIT[:12]} since the lock "
+        f"(locked at {COMMIT[:12]}); `stacklock lock --upgrade` re-pins it"
+    ) in check.err
+    assert cli("lock", cwd=project).code == 0
+    assert read_lock(project / "llmstack.lock").model.revision == COMMIT  # Kept.
+    assert cli("lock", "--upgrade", cwd=project).code == 0
+    upgraded = read_lock(project / "llmstack.lock").model
+    assert (upgraded.revision, upgraded.sha256) == (NEW_COMMIT, _sha(moved))
+    check = cli("lock", "--check", cwd=project)
+    assert check.code == 0
+    assert "info:" not in check.err

@@ -101,13 +101,23 @@ def lock(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only cached registries and models.")
     ] = False,
+    upgrade: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade", help="Re-resolve hub branches and tags instead of keeping the locked commits."
+        ),
+    ] = False,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
     from stacklock.errors import LockError  # noqa: PLC0415
     from stacklock.files.digest import TerminalProgress  # noqa: PLC0415
-    from stacklock.lock.api import lock_stack, merge_goldens  # noqa: PLC0415
-    from stacklock.lock.fresh import check_lock  # noqa: PLC0415
-    from stacklock.lock.project import read_lock, write_lock  # noqa: PLC0415
+    from stacklock.lock.api import kept_revision, lock_stack, merge_goldens  # noqa: PLC0415
+    from stacklock.lock.fresh import check_lock, moved_revisions  # noqa: PLC0415
+    from stacklock.lock.project import (  # noqa: PLC0415
+        read_lock,
+        read_manifest,
+        write_lock,
+    )
     from stacklock.model.findings import Allowance  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
@@ -116,6 +126,8 @@ def lock(
             raise UsageError("--allow goes with `stacklock lock`, not with --check")
         locked = check_lock(manifest, lock_path, offline=offline)
         _note(f"{lock_path} is fresh ({len(locked.findings)} finding(s) recorded)")
+        for moved in moved_revisions(locked, offline=offline):
+            _note(f"info: {moved}")
         return
     if allow and not reason:
         raise UsageError(
@@ -136,6 +148,7 @@ def lock(
         use_cache=not no_cache,
         progress=TerminalProgress(),
         offline=offline,
+        model_revision=kept_revision(read_manifest(manifest)[0].model.source, previous, upgrade=upgrade),
     )
     new = merge_goldens(new, previous)
     changed = write_lock(lock_path, new)

@@ -23,8 +23,12 @@ def lock_stack(
     use_cache: bool = True,
     progress: HashProgress | None = None,
     offline: bool = False,
+    model_revision: str | None = None,
 ) -> Lock:
-    inputs = load_inputs(manifest_path, use_cache=use_cache, progress=progress, offline=offline)
+    """Lock the stack; ``model_revision`` keeps a hub model at a commit locked before (see :func:`kept_revision`)."""
+    inputs = load_inputs(
+        manifest_path, use_cache=use_cache, progress=progress, offline=offline, model_revision=model_revision
+    )
     resolution = resolve(inputs, allow, carried)
     if resolution.blocking:
         first = resolution.blocking[0]
@@ -41,3 +45,13 @@ def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
     if previous is None or previous.behaviour() != new.behaviour():
         return new
     return new.model_copy(update={"smoke": previous.smoke, "recording": previous.recording})
+
+
+def kept_revision(manifest_source: str, previous: Lock | None, *, upgrade: bool) -> str | None:
+    """The commit a re-lock keeps a hub model at: the locked one, unless upgrading or the source changed.
+
+    Like ``uv lock``: a branch or tag is resolved once and stays pinned until ``lock --upgrade`` re-resolves it.
+    """
+    if upgrade or previous is None or previous.model.source != manifest_source:
+        return None
+    return previous.model.revision

@@ -14,6 +14,8 @@ from stacklock.model.lock import (
     manifest_hash,
 )
 from stacklock.registry.fetch import compare_pins
+from stacklock.sources.hub import is_commit, stat_hub_file
+from stacklock.sources.model import HubSource, parse_model_source
 
 
 def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -> Lock:
@@ -69,3 +71,26 @@ def first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any]
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def moved_revisions(lock: Lock, *, offline: bool = False) -> tuple[str, ...]:
+    """Hub branches and tags that now name another commit than the locked one: information, not staleness.
+
+    One ``HEAD`` per hub link; nothing offline.
+    """
+    source = parse_model_source(lock.model.source)
+    if (
+        offline
+        or not isinstance(source, HubSource)
+        or is_commit(source.revision)
+        or lock.model.revision is None
+    ):
+        return ()
+    now = stat_hub_file(source.repo, source.revision, source.path).commit
+    if now == lock.model.revision:
+        return ()
+    moved = (
+        f"model: hf://{source.repo}@{source.revision} has moved to {now[:12]} since the lock "
+        f"(locked at {lock.model.revision[:12]}); `stacklock lock --upgrade` re-pins it"
+    )
+    return (moved,)
