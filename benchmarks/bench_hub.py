@@ -9,7 +9,7 @@ Usage: ``python benchmarks/bench_hub.py [--size-gb 4] [--baseline-mb 400]``. The
   what locking cost before, extrapolated linearly to the full size (loopback download of 4 GB takes long);
 - verify's fetch of that stack with a warm hub cache: the requests it makes, online and with ``--offline``.
 
-Exits 1 when a target is missed (bytes ≤ 1.1× the header, wall ≤ 1 s, no request with a warm cache).
+Exits 1 when a target is missed (bytes ≤ 1.1x the header, wall ≤ 1 s, no request with a warm cache).
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ def main() -> int:
         offline = len(hub.requests) - online
         del os.environ["HF_HUB_OFFLINE"]
         assert files == files_offline
-        print(f"verify's fetch with a warm hub cache: {online} request(s) online, {offline} offline (target 0)")
+        print(
+            f"verify's fetch with a warm hub cache: {online} request(s) online, {offline} offline (target 0)"
+        )
         failed |= online + offline > 0
     print("FAIL" if failed else "all targets met")
     return 1 if failed else 0

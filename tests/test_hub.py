@@ -71,7 +71,9 @@ def _cached_files(tmp_path: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------ lock without download
 
 
-def test_lock_reads_only_the_header(hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]) -> None:
+def test_lock_reads_only_the_header(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
     hub.add(REPO, COMMIT, {"gguf/tiny.gguf": model})
     project = _project(tmp_path, f"hf://{REPO}/gguf/tiny.gguf")
     result = cli("lock", cwd=project)
@@ -205,7 +207,9 @@ def test_offline_verify_downloads_nothing(
 # ---------------------------------------------------------------------------------------- faults of the hub
 
 
-def test_a_server_error_is_retried(hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]) -> None:
+def test_a_server_error_is_retried(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
     hub.faults.append(Fault("HEAD /", status=503))
     hub.faults.append(Fault("GET /blobs/", status=500))
     project = _lock(hub, model, tmp_path, cli)
