@@ -7,6 +7,7 @@ The real huggingface-hub client talks to the hub-compatible server of :mod:`test
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -293,3 +294,96 @@ def test_relock_keeps_the_locked_commit_until_upgrade(
     check = cli("lock", "--check", cwd=project)
     assert check.code == 0
     assert "info:" not in check.err
+
+
+# ------------------------------------------------------------------------------------- upstream templates
+
+UPSTREAM = CHATML.replace("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n")
+TEMPLATE_REPO = "tiny-org/tiny-chat"
+
+
+@pytest.mark.parametrize(
+    ("files", "suffix", "expected"),
+    [
+        ({"chat_template.jinja": UPSTREAM.encode()}, "", UPSTREAM),
+        ({"chat_template.json": json.dumps({"chat_template": UPSTREAM}).encode()}, "", UPSTREAM),
+        (
+            {
+                "tokenizer_config.json": json.dumps(
+                    {
+                        "chat_template": [
+                            {"name": "default", "template": UPSTREAM},
+                            {"name": "tool_use", "template": "{{ tools }}"},
+                        ]
+                    }
+                ).encode()
+            },
+            "#tool_use",
+            "{{ tools }}",
+        ),
+    ],
+)
+def test_a_hub_template_is_pinned_by_commit_and_digest(
+    hub: Hub,
+    model: bytes,
+    tmp_path: Path,
+    cli: Callable[..., Result],
+    files: dict[str, bytes],
+    suffix: str,
+    expected: str,
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    hub.add(TEMPLATE_REPO, NEW_COMMIT, dict(files))
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    manifest = project / "llmstack.toml"
+    manifest.write_text(
+        manifest.read_text() + f'\n[template]\nsource = "hf://{TEMPLATE_REPO}@main{suffix}"\n',
+        encoding="utf-8",
+    )
+    result = cli("lock", cwd=project)
+    assert result.code == 0, result.err
+    lock = read_lock(project / "llmstack.lock")
+    assert lock.template.text == expected
+    assert lock.template.revision == NEW_COMMIT
+    assert lock.template.origin == f"hf://{TEMPLATE_REPO}@{NEW_COMMIT}/{next(iter(files))}{suffix}"
+    assert lock.template.sha256 == _sha(expected.encode())
+    assert lock.template.embedded_differs is True  # The GGUF embeds CHATML.
+    stale = [f for f in lock.findings if f.rule == "stale-embedded-template"]
+    assert len(stale) == 1
+    assert "first differ at character" in stale[0].explanation
+    check = cli("check", cwd=project)
+    assert "stale-embedded-template" in check.out + check.err
+
+
+def test_an_unchanged_embedded_template_is_not_stale(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    hub.add(TEMPLATE_REPO, NEW_COMMIT, {"chat_template.jinja": CHATML.encode()})
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    manifest = project / "llmstack.toml"
+    manifest.write_text(
+        manifest.read_text() + f'\n[template]\nsource = "hf://{TEMPLATE_REPO}"\n', encoding="utf-8"
+    )
+    assert cli("lock", cwd=project).code == 0
+    lock = read_lock(project / "llmstack.lock")
+    assert lock.template.embedded_differs is False
+    assert not [f for f in lock.findings if f.rule == "stale-embedded-template"]
+
+
+def test_a_repository_without_a_template_is_one_line(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    hub.add(TEMPLATE_REPO, NEW_COMMIT, {"README.md": b"hello"})
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    manifest = project / "llmstack.toml"
+    manifest.write_text(
+        manifest.read_text() + f'\n[template]\nsource = "hf://{TEMPLATE_REPO}"\n', encoding="utf-8"
+    )
+    result = cli("lock", cwd=project)
+    assert result.code == 2
+    assert result.err == (
+        f"error: template.source: hf://{TEMPLATE_REPO}@main has none of chat_template.jinja, chat_template.json, "
+        "tokenizer_config.json; name the file: hf://owner/repo@revision/path/to/chat_template.jinja\n"
+    )

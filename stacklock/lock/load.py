@@ -22,8 +22,9 @@ from stacklock.model.manifest import Manifest
 from stacklock.registry.fetch import resolve_registries
 from stacklock.registry.files import LoadedRegistry
 from stacklock.registry.query import find_template
-from stacklock.sources.hub import env_true, read_remote_header, stat_hub_model
+from stacklock.sources.hub import env_true, read_hub_template_text, read_remote_header, stat_hub_model
 from stacklock.sources.model import HubSource, ModelSource, fetch_model, parse_model_source
+from stacklock.template.upstream import TEMPLATE_FILES, parse_hub_template_source, parse_template_file
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def load_inputs(
         model_size=model.size,
         parts=model.parts,
         header=model.header,
-        template=load_template(manifest, model.header, base, registries),
+        template=load_template(manifest, model.header, base, registries, offline=offline),
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
     )
@@ -184,7 +185,12 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def load_template(
-    manifest: Manifest, header: ModelHeader, base: Path, registries: Sequence[LoadedRegistry]
+    manifest: Manifest,
+    header: ModelHeader,
+    base: Path,
+    registries: Sequence[LoadedRegistry],
+    *,
+    offline: bool = False,
 ) -> ResolvedTemplate:
     source = manifest.template.source
     model_name = Path(manifest.model.source).name
@@ -192,6 +198,14 @@ def load_template(
         return ResolvedTemplate(None, "none", None)
     if source == "gguf":
         return ResolvedTemplate(header.chat_template, f"{model_name}: tokenizer.chat_template", None)
+    hub = parse_hub_template_source(source)
+    if hub is not None:
+        candidates = (hub.path,) if hub.path else TEMPLATE_FILES
+        found, raw, commit = read_hub_template_text(hub.repo, hub.revision, candidates, offline=offline)
+        origin = f"hf://{hub.repo}@{commit}/{found}" + (f"#{hub.name}" if hub.name else "")
+        return ResolvedTemplate(
+            parse_template_file(found, raw, hub.name, f"template.source: {origin}"), origin, commit
+        )
     kind, _, name = source.partition(":")
     if kind == "gguf":
         text = header.named_chat_templates.get(name)

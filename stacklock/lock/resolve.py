@@ -32,6 +32,7 @@ from stacklock.rules.predicates import evaluate, rules_for, split_allowed
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
+from stacklock.template.upstream import stale_embedded_finding
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     manifest = inputs.manifest
     header = inputs.header
     engine = _engine_pin(manifest, inputs.installed_engine_version, EngineTables.merged(inputs.registries))
-    template = _template_pin(manifest, inputs.template)
+    template = _template_pin(manifest, inputs.template, header.chat_template)
     sampler = effective_sampler(engine.name, header.metadata, manifest.sampler)
     unrendered = tuple(_smoke_pin(s, sampler.max_tokens) for s in manifest.smoke)
     # Rules are evaluated even when a smoke prompt does not render: the rule that explains why (no template,
@@ -74,6 +75,13 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         smoke=smoke,
     )
     findings = evaluate(rules_for(inputs.registries), facts_from_lock(lock))
+    stale = stale_embedded_finding(
+        header.chat_template if template.embedded_differs else None,
+        template.text,
+        bos=header.tokenizer.bos_text,
+        eos=header.tokenizer.eos_text,
+    )
+    findings = (*findings, stale) if stale is not None else findings
     fired = {f.rule for f in findings if f.severity is Severity.ERROR}
     given = {a.rule for a in allow}
     kept = [a for a in carried if a.rule in fired and a.rule not in given]
@@ -174,9 +182,10 @@ def _exact_build(requirement: str) -> int | None:
     return bounds[0] if bounds else None
 
 
-def _template_pin(manifest: Manifest, resolved: ResolvedTemplate) -> TemplatePin:
+def _template_pin(manifest: Manifest, resolved: ResolvedTemplate, embedded: str | None) -> TemplatePin:
     spec = manifest.template
     text = resolved.text
+    upstream = spec.source.startswith("hf://")
     return TemplatePin(
         source=spec.source,
         origin=resolved.origin,
@@ -187,4 +196,7 @@ def _template_pin(manifest: Manifest, resolved: ResolvedTemplate) -> TemplatePin
         now=spec.now,
         variables=dict(sorted(spec.variables.items())),
         text=text,
+        embedded_differs=(embedded != text)
+        if upstream and embedded is not None and text is not None
+        else None,
     )

@@ -87,6 +87,10 @@ class TemplatePin(Model):
         default_factory=dict, description="Extra variables."
     )
     text: str | None = Field(default=None, description="The exact template text.")
+    embedded_differs: bool | None = Field(
+        default=None,
+        description="For an upstream (hf://) template: whether the model file's embedded template differs from it.",
+    )
 
 
 class EnginePin(Model):

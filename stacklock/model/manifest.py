@@ -70,7 +70,9 @@ class TemplateSpec(Model):
         description=(
             "The chat template: 'gguf' (the one embedded in the model file), 'gguf:NAME' (a named embedded "
             "template), 'file:PATH' (a Jinja file relative to the manifest), 'registry:ID' (a known-good "
-            "template from the registry) or 'none' (raw prompts only)."
+            "template from the registry), 'hf://OWNER/REPO@REV[/FILE][#NAME]' (the upstream template of a hub "
+            "repository: chat_template.jinja, chat_template.json or tokenizer_config.json; #NAME picks a named "
+            "one) or 'none' (raw prompts only)."
         ),
     )
     now: dt.datetime = Field(
@@ -85,9 +87,11 @@ class TemplateSpec(Model):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        if value in ("gguf", "none") or re.match(r"^(gguf|file|registry):.+", value):
+        if value in ("gguf", "none") or re.match(r"^(gguf|file|registry):.+|^hf://[^/]+/[^/@#]+", value):
             return value
-        raise ValueError("must be 'gguf', 'gguf:NAME', 'file:PATH', 'registry:ID' or 'none'")
+        raise ValueError(
+            "must be 'gguf', 'gguf:NAME', 'file:PATH', 'registry:ID', 'hf://OWNER/REPO@REV' or 'none'"
+        )
 
 
 class TokenizerSpec(Model):

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from stacklock.model.findings import Allowance, Finding, Link, Severity
 from stacklock.model.lock import Lock
+from stacklock.rules.builtin import BUILTIN_REGISTRY
 from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import HasRules, evaluate, rules_for, triage
 from stacklock.rules.versions import EngineTables, HasEngineTables, vendored_build
@@ -39,6 +40,8 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
     rules = rules_for(registries)
     facts = facts_from_lock(lock)
     findings = {f.rule: f for f in evaluate(rules, facts)}
+    # Built-in checks computed at lock time (e.g. a stale embedded template, with its rendered difference).
+    findings.update({f.rule: f for f in lock.findings if f.registry == BUILTIN_REGISTRY})
     if installed_engine is not None and installed_engine != lock.engine.version:
         findings[ENGINE_MISMATCH] = _engine_mismatch(lock, installed_engine)
         here = dict(facts)

@@ -113,6 +113,10 @@ class HubFile:
         return f"hf://{self.repo}@{self.commit}/{self.path}"
 
 
+class HubFileMissingError(SourceError):
+    """The repository and revision exist, the file does not (a caller may try another name)."""
+
+
 @contextlib.contextmanager
 def hub_errors(where: str) -> Iterator[None]:
     """Turn huggingface-hub's and the HTTP client's exceptions into one-line stacklock errors."""
@@ -147,7 +151,9 @@ def hub_errors(where: str) -> Iterator[None]:
     except RevisionNotFoundError:
         raise SourceError(f"{where}: revision not found", hint="check the branch, tag or commit") from None
     except RemoteEntryNotFoundError:
-        raise SourceError(f"{where}: file not found in the repository", hint="check the path") from None
+        raise HubFileMissingError(
+            f"{where}: file not found in the repository", hint="check the path"
+        ) from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         # LocalEntryNotFoundError is also an EntryNotFoundError: caught by its own class, after the remote one.
         raise NetworkError(
@@ -373,3 +379,27 @@ def download_hub_file(
                 hint="the hub served other bytes for the locked commit; delete it from the hub cache and retry",
             )
     return local, commit
+
+
+def read_hub_template_text(
+    repo: str, revision: str, candidates: tuple[str, ...], *, offline: bool = False
+) -> tuple[str, str, str]:
+    """The first of ``candidates`` that the repository has at ``revision``: its name, text and the commit.
+
+    Small files: downloaded into the hub cache (at the commit, so a re-lock offline finds them).
+    """
+    for name in candidates:
+        try:
+            path, commit = download_hub_file(repo, revision, name, offline=offline, where="template.source")
+        except HubFileMissingError:
+            continue
+        try:
+            return name, path.read_text(encoding="utf-8"), commit
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                f"template.source: hf://{repo}@{commit}/{name}: not UTF-8 (byte {exc.start})"
+            ) from None
+    raise SourceError(
+        f"template.source: hf://{repo}@{revision} has none of {', '.join(candidates)}",
+        hint="name the file: hf://owner/repo@revision/path/to/chat_template.jinja",
+    )
