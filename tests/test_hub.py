@@ -15,6 +15,7 @@ import gguf
 import pytest
 
 from stacklock.errors import ExitCode, NetworkError, SourceError
+from stacklock.gguf.reader import read_gguf
 from stacklock.lock.project import read_lock
 from stacklock.sources.hub import read_remote_header, stat_hub_model
 from stacklock.verify.session import model_files
@@ -387,3 +388,62 @@ def test_a_repository_without_a_template_is_one_line(
         f"error: template.source: hf://{TEMPLATE_REPO}@main has none of chat_template.jinja, chat_template.json, "
         "tokenizer_config.json; name the file: hf://owner/repo@revision/path/to/chat_template.jinja\n"
     )
+
+
+# ------------------------------------------------------------------------------------ upstream tokenizers
+
+
+def _tokenizer_files(model: Path, *, rename: int | None = None, add_bos: bool = True) -> dict[str, bytes]:
+    """tokenizer.json and tokenizer_config.json as transformers writes them for the GGUF's vocabulary."""
+    gguf_file = read_gguf(model)
+    tokens = list(gguf_file.metadata["tokenizer.ggml.tokens"].values())
+    if rename is not None:
+        tokens[rename] = "renamed-token"
+    bos = tokens[gguf_file.metadata["tokenizer.ggml.bos_token_id"]]
+    tokenizer = {"model": {"type": "Unigram", "vocab": [[t, 0.0] for t in tokens]}, "added_tokens": []}
+    config = {"bos_token": {"content": bos}, "add_bos_token": add_bos}
+    return {
+        "tokenizer.json": json.dumps(tokenizer).encode(),
+        "tokenizer_config.json": json.dumps(config).encode(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("rename", "add_bos", "differences"),
+    [
+        (None, True, ()),
+        (
+            40,
+            False,
+            ("vocabulary: same size, different token texts", "add-bos True in the GGUF, False upstream"),
+        ),
+    ],
+)
+def test_an_upstream_tokenizer_is_compared_with_the_gguf(
+    hub: Hub,
+    tmp_path: Path,
+    cli: Callable[..., Result],
+    rename: int | None,
+    add_bos: bool,
+    differences: tuple[str, ...],
+) -> None:
+    (tmp_path / "built").mkdir()
+    path = build_tiny_gguf(tmp_path / "built" / "tiny.gguf", chat_template=CHATML)
+    hub.add(REPO, COMMIT, {"tiny.gguf": path.read_bytes()})
+    hub.add(TEMPLATE_REPO, NEW_COMMIT, _tokenizer_files(path, rename=rename, add_bos=add_bos))
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    manifest = project / "llmstack.toml"
+    manifest.write_text(
+        manifest.read_text() + f'\n[tokenizer]\nsource = "hf://{TEMPLATE_REPO}@main"\n', encoding="utf-8"
+    )
+    result = cli("lock", *(["--allow", "upstream-tokenizer-mismatch", "--reason", "test"] if differences else []),
+                 cwd=project)  # fmt: skip
+    assert result.code == 0, result.err
+    upstream = read_lock(project / "llmstack.lock").upstream_tokenizer
+    assert upstream is not None
+    assert upstream.origin == f"hf://{TEMPLATE_REPO}@{NEW_COMMIT}/tokenizer.json"
+    assert upstream.differences == differences
+    findings = [
+        f for f in read_lock(project / "llmstack.lock").findings if f.rule == "upstream-tokenizer-mismatch"
+    ]
+    assert len(findings) == (1 if differences else 0)

@@ -22,7 +22,7 @@ from stacklock.model.manifest import Manifest
 from stacklock.registry.fetch import resolve_registries
 from stacklock.registry.files import LoadedRegistry
 from stacklock.registry.query import find_template
-from stacklock.sources.hub import env_true, read_hub_template_text, read_remote_header, stat_hub_model
+from stacklock.sources.hub import env_true, read_hub_text, read_remote_header, stat_hub_model
 from stacklock.sources.model import HubSource, ModelSource, fetch_model, parse_model_source
 from stacklock.template.upstream import TEMPLATE_FILES, parse_hub_template_source, parse_template_file
 
@@ -32,6 +32,16 @@ class ResolvedTemplate:
     text: str | None
     origin: str
     revision: str | None
+
+
+@dataclass(frozen=True)
+class UpstreamTokenizerFiles:
+    """A hub repository's tokenizer.json and tokenizer_config.json (None when it has none), as read."""
+
+    tokenizer_json: str
+    config_json: str | None
+    origin: str
+    revision: str
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class Inputs:
     template: ResolvedTemplate
     installed_engine_version: str | None
     registries: tuple[LoadedRegistry, ...] = field(default=())
+    upstream_tokenizer: UpstreamTokenizerFiles | None = None
 
 
 def load_inputs(
@@ -98,7 +109,22 @@ def load_inputs(
         template=load_template(manifest, model.header, base, registries, offline=offline),
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
+        upstream_tokenizer=load_upstream_tokenizer(manifest, offline=offline),
     )
+
+
+def load_upstream_tokenizer(manifest: Manifest, *, offline: bool = False) -> UpstreamTokenizerFiles | None:
+    """``[tokenizer] source = "hf://…"``: the repository's tokenizer.json and tokenizer_config.json."""
+    hub = parse_hub_template_source(manifest.tokenizer.source)
+    if hub is None:
+        return None
+    link = "tokenizer.source"
+    _, text, commit = read_hub_text(hub.repo, hub.revision, ("tokenizer.json",), offline=offline, link=link)
+    try:
+        _, config, _ = read_hub_text(hub.repo, commit, ("tokenizer_config.json",), offline=offline, link=link)
+    except SourceError:
+        config = None  # Optional: without it, special tokens and add-bos are not compared.
+    return UpstreamTokenizerFiles(text, config, f"hf://{hub.repo}@{commit}/tokenizer.json", commit)
 
 
 @dataclass(frozen=True)
@@ -201,7 +227,7 @@ def load_template(
     hub = parse_hub_template_source(source)
     if hub is not None:
         candidates = (hub.path,) if hub.path else TEMPLATE_FILES
-        found, raw, commit = read_hub_template_text(hub.repo, hub.revision, candidates, offline=offline)
+        found, raw, commit = read_hub_text(hub.repo, hub.revision, candidates, offline=offline)
         origin = f"hf://{hub.repo}@{commit}/{found}" + (f"#{hub.name}" if hub.name else "")
         return ResolvedTemplate(
             parse_template_file(found, raw, hub.name, f"template.source: {origin}"), origin, commit

@@ -23,12 +23,14 @@ from stacklock.model.lock import (
     Lock,
     ModelPin,
     TemplatePin,
+    UpstreamTokenizerPin,
     created_by,
     manifest_hash,
 )
 from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
 from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import evaluate, rules_for, split_allowed
+from stacklock.rules.upstream import compare_tokenizers, parse_upstream_tokenizer, tokenizer_finding
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
@@ -68,6 +70,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         model=_model_pin(inputs),
         template=template,
         tokenizer=inputs.header.tokenizer,
+        upstream_tokenizer=_upstream_tokenizer(inputs),
         engine=engine,
         backend=effective_backend(engine.name, manifest.backend),
         sampler=sampler,
@@ -81,7 +84,8 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         bos=header.tokenizer.bos_text,
         eos=header.tokenizer.eos_text,
     )
-    findings = (*findings, stale) if stale is not None else findings
+    mismatch = tokenizer_finding(lock.upstream_tokenizer) if lock.upstream_tokenizer else None
+    findings = tuple(f for f in (*findings, stale, mismatch) if f is not None)
     fired = {f.rule for f in findings if f.severity is Severity.ERROR}
     given = {a.rule for a in allow}
     kept = [a for a in carried if a.rule in fired and a.rule not in given]
@@ -90,6 +94,20 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         raise render_error
     lock = lock.model_copy(update={"findings": findings, "allowances": allowed})
     return Resolution(lock, blocking)
+
+
+def _upstream_tokenizer(inputs: Inputs) -> UpstreamTokenizerPin | None:
+    files = inputs.upstream_tokenizer
+    if files is None:
+        return None
+    pin = parse_upstream_tokenizer(
+        files.tokenizer_json,
+        files.config_json,
+        source=inputs.manifest.tokenizer.source,
+        origin=files.origin,
+        revision=files.revision,
+    )
+    return pin.model_copy(update={"differences": compare_tokenizers(inputs.header.tokenizer, pin)})
 
 
 def _model_pin(inputs: Inputs) -> ModelPin:

@@ -95,9 +95,20 @@ class TemplateSpec(Model):
 
 
 class TokenizerSpec(Model):
-    source: Literal["gguf"] = Field(
-        default="gguf", description="The tokenizer: 'gguf' (the vocabulary embedded in the model file)."
+    source: str = Field(
+        default="gguf",
+        description=(
+            "The tokenizer: 'gguf' (the vocabulary embedded in the model file), or 'hf://OWNER/REPO@REV' to "
+            "compare it with the upstream tokenizer.json (and tokenizer_config.json's special tokens)."
+        ),
     )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value == "gguf" or re.match(r"^hf://[^/]+/[^/@#]+", value):
+            return value
+        raise ValueError("must be 'gguf' or 'hf://OWNER/REPO@REV'")
 
 
 class EngineSpec(Model):

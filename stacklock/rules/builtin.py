@@ -55,7 +55,7 @@ class BuiltinCheck:
 CATALOG: dict[str, BuiltinCheck] = {}
 
 #: The modules that declare check families; each registers its checks when imported.
-FAMILIES: tuple[str, ...] = ("stacklock.template.upstream",)
+FAMILIES: tuple[str, ...] = ("stacklock.template.upstream", "stacklock.rules.upstream")
 
 
 def register(check: BuiltinCheck) -> BuiltinCheck:

@@ -381,8 +381,13 @@ def download_hub_file(
     return local, commit
 
 
-def read_hub_template_text(
-    repo: str, revision: str, candidates: tuple[str, ...], *, offline: bool = False
+def read_hub_text(
+    repo: str,
+    revision: str,
+    candidates: tuple[str, ...],
+    *,
+    offline: bool = False,
+    link: str = "template.source",
 ) -> tuple[str, str, str]:
     """The first of ``candidates`` that the repository has at ``revision``: its name, text and the commit.
 
@@ -390,7 +395,7 @@ def read_hub_template_text(
     """
     for name in candidates:
         try:
-            path, commit = download_hub_file(repo, revision, name, offline=offline, where="template.source")
+            path, commit = download_hub_file(repo, revision, name, offline=offline, where=link)
         except HubFileMissingError:
             continue
         try:
