@@ -447,3 +447,25 @@ def test_an_upstream_tokenizer_is_compared_with_the_gguf(
         f for f in read_lock(project / "llmstack.lock").findings if f.rule == "upstream-tokenizer-mismatch"
     ]
     assert len(findings) == (1 if differences else 0)
+
+
+def test_generation_config_defaults_are_their_own_origin(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    config = {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1, "do_sample": True}
+    hub.add(TEMPLATE_REPO, NEW_COMMIT, {"generation_config.json": json.dumps(config).encode()})
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    manifest = project / "llmstack.toml"
+    manifest.write_text(
+        manifest.read_text() + f'\n[sampler]\ntop-p = 0.5\ndefaults = "hf://{TEMPLATE_REPO}@main"\n',
+        encoding="utf-8",
+    )
+    result = cli("lock", cwd=project)
+    assert result.code == 0, result.err
+    sampler = read_lock(project / "llmstack.lock").sampler
+    assert (sampler.temperature, sampler.repeat_penalty, sampler.top_p) == (0.6, 1.1, 0.5)
+    assert sampler.origin["temperature"] == "generation-config"
+    assert sampler.origin["repeat-penalty"] == "generation-config"
+    assert sampler.origin["top-p"] == "manifest"  # The manifest wins over generation_config.json.
+    assert sampler.origin["top-k"] == "engine-default"

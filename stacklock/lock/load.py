@@ -4,6 +4,7 @@ the registries, read from the world once (:func:`load_inputs`), so that :mod:`st
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -62,6 +63,7 @@ class Inputs:
     installed_engine_version: str | None
     registries: tuple[LoadedRegistry, ...] = field(default=())
     upstream_tokenizer: UpstreamTokenizerFiles | None = None
+    generation_config: Mapping[str, Any] | None = None
 
 
 def load_inputs(
@@ -110,7 +112,26 @@ def load_inputs(
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
         upstream_tokenizer=load_upstream_tokenizer(manifest, offline=offline),
+        generation_config=load_generation_config(manifest, offline=offline),
     )
+
+
+def load_generation_config(manifest: Manifest, *, offline: bool = False) -> Mapping[str, Any] | None:
+    """``[sampler] defaults = "hf://…"``: the repository's generation_config.json."""
+    hub = parse_hub_template_source(manifest.sampler.defaults or "")
+    if hub is None:
+        return None
+    link = "sampler.defaults"
+    _, text, commit = read_hub_text(
+        hub.repo, hub.revision, ("generation_config.json",), offline=offline, link=link
+    )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceError(
+            f"{link}: hf://{hub.repo}@{commit}/generation_config.json: not JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
+    return data if isinstance(data, dict) else {}
 
 
 def load_upstream_tokenizer(manifest: Manifest, *, offline: bool = False) -> UpstreamTokenizerFiles | None:

@@ -53,7 +53,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     header = inputs.header
     engine = _engine_pin(manifest, inputs.installed_engine_version, EngineTables.merged(inputs.registries))
     template = _template_pin(manifest, inputs.template, header.chat_template)
-    sampler = effective_sampler(engine.name, header.metadata, manifest.sampler)
+    sampler = effective_sampler(engine.name, header.metadata, manifest.sampler, inputs.generation_config)
     unrendered = tuple(_smoke_pin(s, sampler.max_tokens) for s in manifest.smoke)
     # Rules are evaluated even when a smoke prompt does not render: the rule that explains why (no template,
     # a template that rejects the system role) is a better message than the template's own error.

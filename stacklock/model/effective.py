@@ -15,7 +15,7 @@ from pydantic import Field
 from stacklock.model.base import Model, kebab
 from stacklock.model.manifest import BackendKind, BackendSpec, SamplerSpec
 
-Origin = Literal["manifest", "gguf", "engine-default"]
+Origin = Literal["manifest", "gguf", "generation-config", "engine-default"]
 
 #: Defaults of the engines stacklock knows, read from their sources:
 #: llama-cpp-python 0.3.x ``Llama.__init__`` and ``Llama.create_completion`` keyword defaults.
@@ -85,7 +85,7 @@ class EffectiveSampler(Model):
     max_tokens: int = Field(description="Default maximum new tokens per smoke prompt.")
     stop: tuple[str, ...] = Field(description="Stop strings; the output is cut before them.")
     origin: dict[str, Origin] = Field(
-        description="Where each value came from: manifest, gguf or engine-default."
+        description="Where each value came from: manifest, gguf, generation-config or engine-default."
     )
 
 
@@ -102,8 +102,25 @@ class EffectiveBackend(Model):
     context_size: int = Field(description="Context window in tokens.")
 
 
-def effective_sampler(engine: str, gguf_metadata: Mapping[str, Any], spec: SamplerSpec) -> EffectiveSampler:
-    """Merge engine defaults < GGUF recommendations < manifest, recording each value's origin."""
+#: ``generation_config.json`` keys (transformers) and the sampler fields they set; vLLM applies them by default.
+GENERATION_CONFIG_KEYS: Mapping[str, str] = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "repetition_penalty": "repeat_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def effective_sampler(
+    engine: str,
+    gguf_metadata: Mapping[str, Any],
+    spec: SamplerSpec,
+    generation_config: Mapping[str, Any] | None = None,
+) -> EffectiveSampler:
+    """Merge engine defaults < GGUF recommendations < generation_config.json < manifest, with each value's origin."""
     values: dict[str, Any] = dict(
         ENGINE_SAMPLER_DEFAULTS.get(engine, ENGINE_SAMPLER_DEFAULTS[FALLBACK_ENGINE])
     )
@@ -112,7 +129,12 @@ def effective_sampler(engine: str, gguf_metadata: Mapping[str, Any], spec: Sampl
         if key in gguf_metadata and isinstance(gguf_metadata[key], int | float):
             values[field] = gguf_metadata[key]
             origin[field] = "gguf"
-    for field, value in spec.model_dump(exclude_none=True).items():
+    for key, field in GENERATION_CONFIG_KEYS.items():
+        value = (generation_config or {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values[field] = value
+            origin[field] = "generation-config"
+    for field, value in spec.model_dump(exclude_none=True, exclude={"defaults"}).items():
         values[field] = value
         origin[field] = "manifest"
     values["stop"] = tuple(values["stop"])

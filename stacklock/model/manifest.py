@@ -176,6 +176,14 @@ class SamplerSpec(Model):
     stop: tuple[str, ...] | None = Field(
         default=None, description="Stop strings; the output is cut before them."
     )
+    defaults: str | None = Field(
+        default=None,
+        description=(
+            "'hf://OWNER/REPO@REV': take sampler defaults from the repository's generation_config.json "
+            "(as vLLM does), above the GGUF's and below the values set here."
+        ),
+        pattern=r"^hf://[^/]+/[^/@#]+",
+    )
 
 
 class Message(Model):
