@@ -469,3 +469,34 @@ def test_generation_config_defaults_are_their_own_origin(
     assert sampler.origin["repeat-penalty"] == "generation-config"
     assert sampler.origin["top-p"] == "manifest"  # The manifest wins over generation_config.json.
     assert sampler.origin["top-k"] == "engine-default"
+
+
+def test_upgrade_one_link_leaves_the_others_at_their_locked_commits(
+    hub: Hub, model: bytes, tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model})
+    hub.add(TEMPLATE_REPO, COMMIT, {"chat_template.jinja": CHATML.encode()})
+    project = _project(tmp_path, f"hf://{REPO}/tiny.gguf")
+    manifest = project / "llmstack.toml"
+    manifest.write_text(
+        manifest.read_text() + f'\n[template]\nsource = "hf://{TEMPLATE_REPO}"\n', encoding="utf-8"
+    )
+    assert cli("lock", cwd=project).code == 0
+    hub.add(REPO, NEW_COMMIT, {"tiny.gguf": model + b"moved"})
+    hub.add(TEMPLATE_REPO, NEW_COMMIT, {"chat_template.jinja": UPSTREAM.encode()})
+    check = cli("lock", "--check", cwd=project)
+    assert check.code == 0, check.err
+    assert "info: model: hf://" in check.err
+    assert "info: template: hf://" in check.err
+    assert cli("lock", cwd=project).code == 0
+    kept = read_lock(project / "llmstack.lock")
+    assert (kept.model.revision, kept.template.revision) == (COMMIT, COMMIT)
+    assert cli("lock", "--upgrade-link", "template", cwd=project).code == 0
+    upgraded = read_lock(project / "llmstack.lock")
+    assert (upgraded.model.revision, upgraded.template.revision) == (COMMIT, NEW_COMMIT)
+    assert upgraded.template.text == UPSTREAM
+    bad = cli("lock", "--upgrade-link", "engine", cwd=project)
+    assert (bad.code, bad.err) == (
+        2,
+        "error: --upgrade-link engine: not a hub link; use one of model, template, tokenizer\n",
+    )

@@ -107,11 +107,17 @@ def lock(
             "--upgrade", help="Re-resolve hub branches and tags instead of keeping the locked commits."
         ),
     ] = False,
+    upgrade_link: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--upgrade-link", help="Re-resolve one link only: model, template or tokenizer (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
     from stacklock.errors import LockError  # noqa: PLC0415
     from stacklock.files.digest import TerminalProgress  # noqa: PLC0415
-    from stacklock.lock.api import kept_revision, lock_stack, merge_goldens  # noqa: PLC0415
+    from stacklock.lock.api import HUB_LINKS, kept_revisions, lock_stack, merge_goldens  # noqa: PLC0415
     from stacklock.lock.fresh import check_lock, moved_revisions  # noqa: PLC0415
     from stacklock.lock.project import (  # noqa: PLC0415
         read_lock,
@@ -140,6 +146,12 @@ def lock(
         except LockError as exc:
             # The new lock replaces it either way; only its goldens and allowances cannot be carried over.
             _note(f"note: the previous lock is unreadable ({exc.one_line()}); writing a fresh one")
+    unknown = sorted(set(upgrade_link or ()) - set(HUB_LINKS))
+    if unknown:
+        raise UsageError(
+            f"--upgrade-link {unknown[0]}: not a hub link", hint=f"use one of {', '.join(HUB_LINKS)}"
+        )
+    upgrading = set(HUB_LINKS) if upgrade else set(upgrade_link or ())
     given = tuple(Allowance(rule=r, reason=reason or "") for r in allow or ())
     new = lock_stack(
         manifest,
@@ -148,7 +160,7 @@ def lock(
         use_cache=not no_cache,
         progress=TerminalProgress(),
         offline=offline,
-        model_revision=kept_revision(read_manifest(manifest)[0].model.source, previous, upgrade=upgrade),
+        revisions=kept_revisions(read_manifest(manifest)[0], previous, upgrading),
     )
     new = merge_goldens(new, previous)
     changed = write_lock(lock_path, new)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from stacklock.errors import RuleViolation
@@ -13,6 +13,7 @@ from stacklock.model.findings import Allowance
 from stacklock.model.lock import (
     Lock,
 )
+from stacklock.model.manifest import Manifest
 
 
 def lock_stack(
@@ -23,11 +24,11 @@ def lock_stack(
     use_cache: bool = True,
     progress: HashProgress | None = None,
     offline: bool = False,
-    model_revision: str | None = None,
+    revisions: Mapping[str, str] | None = None,
 ) -> Lock:
-    """Lock the stack; ``model_revision`` keeps a hub model at a commit locked before (see :func:`kept_revision`)."""
+    """Lock the stack; ``revisions`` keeps hub links at commits locked before (see :func:`kept_revisions`)."""
     inputs = load_inputs(
-        manifest_path, use_cache=use_cache, progress=progress, offline=offline, model_revision=model_revision
+        manifest_path, use_cache=use_cache, progress=progress, offline=offline, revisions=revisions
     )
     resolution = resolve(inputs, allow, carried)
     if resolution.blocking:
@@ -47,11 +48,39 @@ def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
     return new.model_copy(update={"smoke": previous.smoke, "recording": previous.recording})
 
 
-def kept_revision(manifest_source: str, previous: Lock | None, *, upgrade: bool) -> str | None:
-    """The commit a re-lock keeps a hub model at: the locked one, unless upgrading or the source changed.
+#: The links whose hub sources resolve branches and tags to commits.
+HUB_LINKS = ("model", "template", "tokenizer")
+
+
+def locked_revisions(lock: Lock) -> dict[str, str]:
+    """The commit each hub link of a lock was resolved to, with the source it was resolved from."""
+    found = {}
+    if lock.model.revision:
+        found["model"] = lock.model.revision
+    if lock.template.source.startswith("hf://") and lock.template.revision:
+        found["template"] = lock.template.revision
+    if lock.upstream_tokenizer is not None:
+        found["tokenizer"] = lock.upstream_tokenizer.revision
+    return found
+
+
+def kept_revisions(manifest: Manifest, previous: Lock | None, upgrade: Collection[str]) -> dict[str, str]:
+    """The commits a re-lock keeps: the locked ones, except for links being upgraded or whose source changed.
 
     Like ``uv lock``: a branch or tag is resolved once and stays pinned until ``lock --upgrade`` re-resolves it.
     """
-    if upgrade or previous is None or previous.model.source != manifest_source:
-        return None
-    return previous.model.revision
+    if previous is None:
+        return {}
+    sources = {
+        "model": (manifest.model.source, previous.model.source),
+        "template": (manifest.template.source, previous.template.source),
+        "tokenizer": (
+            manifest.tokenizer.source,
+            previous.upstream_tokenizer.source if previous.upstream_tokenizer else None,
+        ),
+    }
+    return {
+        link: commit
+        for link, commit in locked_revisions(previous).items()
+        if link not in upgrade and sources[link][0] == sources[link][1]
+    }

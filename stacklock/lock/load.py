@@ -75,9 +75,12 @@ def load_inputs(
     cache: HashCache | None = None,
     registry_pins: Sequence[RegistryPin] = (),
     refresh_registries: bool = False,
-    model_revision: str | None = None,
+    revisions: Mapping[str, str] | None = None,
 ) -> Inputs:
-    """Read everything resolution needs. ``model_revision`` fetches a hub source at a pinned commit."""
+    """Read everything resolution needs. ``revisions`` (by link: model, template, tokenizer) reads hub sources
+    at commits locked before instead of resolving their branches and tags again."""
+    pinned = revisions or {}
+    model_revision = pinned.get("model")
     manifest, data = read_manifest(manifest_path)
     base = manifest_path.parent
     source = parse_model_source(manifest.model.source)
@@ -108,10 +111,14 @@ def load_inputs(
         model_size=model.size,
         parts=model.parts,
         header=model.header,
-        template=load_template(manifest, model.header, base, registries, offline=offline),
+        template=load_template(
+            manifest, model.header, base, registries, offline=offline, revision=pinned.get("template")
+        ),
         installed_engine_version=installed_engine_version(manifest.engine.name),
         registries=registries,
-        upstream_tokenizer=load_upstream_tokenizer(manifest, offline=offline),
+        upstream_tokenizer=load_upstream_tokenizer(
+            manifest, offline=offline, revision=pinned.get("tokenizer")
+        ),
         generation_config=load_generation_config(manifest, offline=offline),
     )
 
@@ -134,13 +141,16 @@ def load_generation_config(manifest: Manifest, *, offline: bool = False) -> Mapp
     return data if isinstance(data, dict) else {}
 
 
-def load_upstream_tokenizer(manifest: Manifest, *, offline: bool = False) -> UpstreamTokenizerFiles | None:
+def load_upstream_tokenizer(
+    manifest: Manifest, *, offline: bool = False, revision: str | None = None
+) -> UpstreamTokenizerFiles | None:
     """``[tokenizer] source = "hf://…"``: the repository's tokenizer.json and tokenizer_config.json."""
     hub = parse_hub_template_source(manifest.tokenizer.source)
     if hub is None:
         return None
     link = "tokenizer.source"
-    _, text, commit = read_hub_text(hub.repo, hub.revision, ("tokenizer.json",), offline=offline, link=link)
+    at = revision or hub.revision
+    _, text, commit = read_hub_text(hub.repo, at, ("tokenizer.json",), offline=offline, link=link)
     try:
         _, config, _ = read_hub_text(hub.repo, commit, ("tokenizer_config.json",), offline=offline, link=link)
     except SourceError:
@@ -238,6 +248,7 @@ def load_template(
     registries: Sequence[LoadedRegistry],
     *,
     offline: bool = False,
+    revision: str | None = None,
 ) -> ResolvedTemplate:
     source = manifest.template.source
     model_name = Path(manifest.model.source).name
@@ -248,7 +259,8 @@ def load_template(
     hub = parse_hub_template_source(source)
     if hub is not None:
         candidates = (hub.path,) if hub.path else TEMPLATE_FILES
-        found, raw, commit = read_hub_text(hub.repo, hub.revision, candidates, offline=offline)
+        at = revision or hub.revision
+        found, raw, commit = read_hub_text(hub.repo, at, candidates, offline=offline)
         origin = f"hf://{hub.repo}@{commit}/{found}" + (f"#{hub.name}" if hub.name else "")
         return ResolvedTemplate(
             parse_template_file(found, raw, hub.name, f"template.source: {origin}"), origin, commit
