@@ -431,6 +431,28 @@ def _walk_strings_vectorised(
     growing chunks because the array's end is not known yet.
     """
     available = limit - start
+    found = _candidates(buf, start, count, order, available)
+    n_found = sum(len(f) for f in found)
+    if n_found < count:
+        _raise_if_cut_short(buf, start, found, order, available)
+        return None
+    starts = np.concatenate(found)[:count] if len(found) > 1 else found[0][:count]
+    if starts[0] != 0:
+        return None
+    low_byte = 0 if order == "<" else 7
+    lengths = np.frombuffer(buf, dtype=np.uint8, count=available, offset=start)[starts + low_byte]
+    ends = starts + 8 + lengths.astype(np.int64)
+    if not np.array_equal(ends[:-1], starts[1:]) or ends[-1] > available:
+        return None
+    return starts, start + int(ends[-1])
+
+
+def _candidates(buf: Any, start: int, count: int, order: str, available: int) -> list[npt.NDArray[np.int64]]:
+    """Offsets of every position shaped like a short string's length prefix, in growing chunks.
+
+    Its own function so that the numpy views of ``buf`` die with its frame: a traceback that kept them alive
+    would stop the file's map from closing.
+    """
     found: list[npt.NDArray[np.int64]] = []
     n_found = 0
     low = 0
@@ -448,17 +470,34 @@ def _walk_strings_vectorised(
         found.append(np.flatnonzero(mask) + low)
         n_found += len(found[-1])
         low = high
-    if n_found < count:
-        return None
-    starts = np.concatenate(found)[:count] if len(found) > 1 else found[0][:count]
+    return found
+
+
+def _raise_if_cut_short(
+    buf: Any, start: int, found: list[npt.NDArray[np.int64]], order: str, available: int
+) -> None:
+    """Raise :class:`_Overrun` when the strings found form one chain that runs past the end of the bytes.
+
+    That is a prefix of a file (a remote header read in ranges) or a truncated one; finding it here spares the
+    one-by-one walk. Anything else (a gap in the chain: an empty or a long token) is left to that walk.
+    """
+    if not found or not sum(len(f) for f in found):
+        return
+    starts = np.concatenate(found)
     if starts[0] != 0:
-        return None
+        return
     low_byte = 0 if order == "<" else 7
-    lengths = np.frombuffer(buf, dtype=np.uint8, count=available, offset=start)[starts + low_byte]
-    ends = starts + 8 + lengths.astype(np.int64)
-    if not np.array_equal(ends[:-1], starts[1:]) or ends[-1] > available:
-        return None
-    return starts, start + int(ends[-1])
+    lengths = np.frombuffer(buf, dtype=np.uint8, count=available, offset=start)[starts + low_byte].astype(
+        np.int64
+    )
+    ends = starts + 8 + lengths
+    if not np.array_equal(ends[:-1], starts[1:]):
+        return
+    last = int(ends[-1])
+    if last > available:
+        raise _Overrun(start + int(starts[-1]), len(starts) - 1, int(lengths[-1]))
+    if last + 8 > available:
+        raise _Overrun(start + last, len(starts))
 
 
 class _Overrun(Exception):  # noqa: N818 -- Internal signal, converted to a GGUFError with context.
