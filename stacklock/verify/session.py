@@ -139,7 +139,10 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
         registries = resolve_registries(
             manifest.registries, pins=lock.registries, offline=True, base_dir=base
         )
-        return load_template(manifest, header, base, registries).text
+        # A hub template is re-read from the hub cache at its locked commit; verify asks the hub nothing for it.
+        return load_template(
+            manifest, header, base, registries, offline=True, revision=lock.template.revision
+        ).text
     except StacklockError:
         return None
 
