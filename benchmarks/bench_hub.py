@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stacklock.files.digest import sha256_file
 from stacklock.gguf.reader import read_gguf
 from stacklock.lock.api import lock_stack
+from stacklock.sources.hub import read_remote_header, stat_hub_model
 from stacklock.verify.session import model_files
 from tests.gguf_builder import gemma_model_path
 from tests.hub_server import Blob, running_hub
@@ -103,6 +104,16 @@ def main() -> int:
         )
         failed |= ratio > 1.1 or wall > 1.0
         assert lock.model.sha256 == big.sha256
+        # Where the time goes: the hub part alone, against parsing the same header from the local file.
+        started = time.perf_counter()
+        read_remote_header(stat_hub_model(REPO, "main", "big.gguf"))
+        remote = time.perf_counter() - started
+        started = time.perf_counter()
+        read_gguf(root / "big.gguf")
+        local = time.perf_counter() - started
+        print(
+            f"  of which the hub part (HEAD + ranged header parse): {remote:.3f} s; local parse: {local:.3f} s"
+        )
 
         from huggingface_hub import hf_hub_download  # noqa: PLC0415
 
