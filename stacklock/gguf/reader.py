@@ -301,6 +301,7 @@ class GGUFFile:
     alignment: int
     metadata: Mapping[str, Any]
     tensors: tuple[TensorInfo, ...]
+    data_offset: int = 0  # Where the first part's tensor data region starts: everything before is header.
 
     @property
     def architecture(self) -> str | None:
@@ -533,6 +534,7 @@ class _Part:
     alignment: int
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
+    data_offset: int
 
 
 _INCOMPLETE = "the file is incomplete, download it again"
@@ -559,6 +561,7 @@ class _Parser:
         self.display = display
         self.pos = 0
         self.order = "<"
+        self.data_start = 0
 
     # ---- errors
 
@@ -825,6 +828,7 @@ class _Parser:
                 (name, shape, ggml_type, type_name, offset, n_elements, n_elements // block * type_size)
             )
         data_start = -(-self.pos // alignment) * alignment
+        self.data_start = data_start
         tensors = []
         for name, shape, ggml_type, type_name, offset, n_elements, n_bytes in raw:
             if data_start + offset + n_bytes > self.file_size:
@@ -884,7 +888,9 @@ def _parse_part(parser: _Parser, part: int) -> _Part:
     # Copying the header out lets a map close; array values then point into this copy.
     header = bytes(parser.buf[: parser.pos])
     order: Literal["little", "big"] = "little" if parser.order == "<" else "big"
-    return _Part(version, order, alignment, _finish_metadata(metadata, header, order), tensors)
+    return _Part(
+        version, order, alignment, _finish_metadata(metadata, header, order), tensors, parser.data_start
+    )
 
 
 @dataclass(frozen=True)
@@ -1004,4 +1010,5 @@ def _combine(
         alignment=first.alignment,
         metadata=MappingProxyType(first.metadata),
         tensors=tuple(tensors),
+        data_offset=first.data_offset,
     )

@@ -8,11 +8,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stacklock.engines.machine import installed_engine_version
 from stacklock.errors import SourceError, TemplateError
-from stacklock.files.digest import HashCache, HashProgress
+from stacklock.files.digest import FileDigests, HashCache, HashProgress
 from stacklock.gguf.header import HeaderCache, ModelHeader, header_from_gguf
 from stacklock.lock.project import read_manifest
 from stacklock.model.findings import RegistryPin
@@ -26,6 +26,9 @@ from stacklock.registry.query import find_template
 from stacklock.sources.hub import env_true, read_hub_text, read_remote_header, stat_hub_model
 from stacklock.sources.model import HubSource, ModelSource, fetch_model, parse_model_source
 from stacklock.template.upstream import TEMPLATE_FILES, parse_hub_template_source, parse_template_file
+
+if TYPE_CHECKING:
+    from stacklock.gguf.reader import GGUFFile
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Inputs:
     model_path: Path | None
     """The model file on disk; None for a hub model locked from its header alone."""
     model_revision: str | None
-    model_sha256: str
+    model_digests: FileDigests
+    """For a hub model locked from its header: the LFS sha256 only (the region digests need the bytes)."""
     model_size: int
     parts: tuple[FilePin, ...]
     header: ModelHeader
@@ -92,9 +96,9 @@ def load_inputs(
     else:
         model = _local_model(source, base, hashes, use_cache=use_cache, progress=progress, offline=offline)
     hashes.save()
-    if manifest.model.sha256 is not None and model.sha256 != manifest.model.sha256:
+    if manifest.model.sha256 is not None and model.digests.sha256 != manifest.model.sha256:
         raise SourceError(
-            f"model.sha256: {model.shown} has sha256 {model.sha256}, the manifest expects "
+            f"model.sha256: {model.shown} has sha256 {model.digests.sha256}, the manifest expects "
             f"{manifest.model.sha256}",
             hint="the file changed; get the expected file back or update model.sha256",
         )
@@ -107,7 +111,7 @@ def load_inputs(
         base_dir=base,
         model_path=model.path,
         model_revision=model.revision,
-        model_sha256=model.sha256,
+        model_digests=model.digests,
         model_size=model.size,
         parts=model.parts,
         header=model.header,
@@ -163,7 +167,7 @@ class _Model:
     path: Path | None
     shown: str
     revision: str | None
-    sha256: str
+    digests: FileDigests
     size: int
     parts: tuple[FilePin, ...]
     header: ModelHeader
@@ -180,8 +184,19 @@ def _local_model(
 ) -> _Model:
     """A model file on disk (or in the hub cache, offline): hashed, its header parsed (both cached)."""
     fetched = fetch_model(source, base, offline=offline)
-    digest = hashes.sha256(fetched.path, use_cache=use_cache, progress=progress)
-    header, part_paths = _header(fetched.path, digest, hashes, use_cache=use_cache, progress=progress)
+    parsed: list[GGUFFile] = []
+
+    def data_offset(path: Path) -> int:
+        # Hashing by region needs the header's end; the parse is kept for the header summary below.
+        from stacklock.gguf.reader import read_gguf  # noqa: PLC0415 - numpy is only needed on a cache miss.
+
+        parsed.append(read_gguf(path))
+        return parsed[-1].data_offset
+
+    digests = hashes.digests(fetched.path, data_offset, use_cache=use_cache, progress=progress)
+    header, part_paths = _header(
+        fetched.path, digests.sha256, hashes, use_cache=use_cache, progress=progress, parsed=parsed
+    )
     if isinstance(source, HubSource):
         # Parts of a hub model are pinned where verify finds them: in the repository, at the commit.
         folder = str(PurePosixPath(source.path).parent)
@@ -194,7 +209,7 @@ def _local_model(
         for label, p, d in zip(labels, part_paths, header.part_sha256, strict=True)
     )
     size = fetched.path.stat().st_size
-    return _Model(fetched.path, _rel(fetched.path, base), fetched.revision, digest, size, parts, header)
+    return _Model(fetched.path, _rel(fetched.path, base), fetched.revision, digests, size, parts, header)
 
 
 def _remote_model(source: HubSource, hashes: HashCache, *, use_cache: bool) -> _Model:
@@ -209,11 +224,20 @@ def _remote_model(source: HubSource, hashes: HashCache, *, use_cache: bool) -> _
         header = header_from_gguf(read_remote_header(files).gguf).model_copy(update={"part_sha256": digests})
         headers.put(digest, header)
     parts = tuple(FilePin(path=f.location, sha256=f.sha256 or "", size=f.size) for f in others)
-    return _Model(None, first.location, first.commit, digest, first.size, parts, header)
+    # The region digests (header sha256, data xxh3) need bytes a remote lock does not read: left empty here,
+    # they are left out of the pin (see resolve._model_pin).
+    whole = FileDigests(sha256=digest, data_offset=0, header_sha256="", data_xxh3="")
+    return _Model(None, first.location, first.commit, whole, first.size, parts, header)
 
 
 def _header(
-    path: Path, digest: str, hashes: HashCache, *, use_cache: bool, progress: HashProgress | None
+    path: Path,
+    digest: str,
+    hashes: HashCache,
+    *,
+    use_cache: bool,
+    progress: HashProgress | None,
+    parsed: Sequence[GGUFFile] = (),
 ) -> tuple[ModelHeader, tuple[Path, ...]]:
     """The header summary: from the cache when the file (and every split part) is unchanged, else parsed."""
     headers = HeaderCache(hashes.path.parent)
@@ -226,7 +250,7 @@ def _header(
                 return cached, others
     from stacklock.gguf.reader import read_gguf  # noqa: PLC0415 - numpy is only needed on a cache miss.
 
-    gguf = read_gguf(path)
+    gguf = parsed[-1] if parsed else read_gguf(path)
     others = gguf.parts[1:]
     digests = tuple(hashes.sha256(p, use_cache=use_cache, progress=progress) for p in others)
     header = header_from_gguf(gguf).model_copy(update={"part_sha256": digests})

@@ -12,7 +12,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from stacklock.errors import EngineError, TemplateError
-from stacklock.files.digest import sha256_text
+from stacklock.files.digest import FileDigests, sha256_text
+from stacklock.gguf.header import ModelHeader
+from stacklock.gguf.structure import check_structure
 from stacklock.lock.load import Inputs, ResolvedTemplate, _rel
 from stacklock.lock.smoke import _rendered, _smoke_pin
 from stacklock.model.effective import effective_backend, effective_sampler
@@ -20,16 +22,19 @@ from stacklock.model.findings import Allowance, Finding, Severity
 from stacklock.model.lock import (
     LOCK_VERSION,
     EnginePin,
+    FilePin,
     Lock,
     ModelPin,
     TemplatePin,
     UpstreamTokenizerPin,
     created_by,
     manifest_hash,
+    pin_metadata_value,
 )
 from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
+from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import evaluate, rules_for, split_allowed
+from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
 from stacklock.rules.upstream import compare_tokenizers, parse_upstream_tokenizer, tokenizer_finding
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
@@ -77,7 +82,6 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
     )
-    findings = evaluate(rules_for(inputs.registries), facts_from_lock(lock))
     stale = stale_embedded_finding(
         header.chat_template if template.embedded_differs else None,
         template.text,
@@ -85,7 +89,18 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         eos=header.tokenizer.eos_text,
     )
     mismatch = tokenizer_finding(lock.upstream_tokenizer) if lock.upstream_tokenizer else None
-    findings = tuple(f for f in (*findings, stale, mismatch) if f is not None)
+    # Built-in checks (template probes, pre-tokenizers, the GGUF's structure) report like rules, so --allow, lock refusal and `check` treat both alike.
+    findings = tuple(
+        sorted(
+            (
+                *evaluate(rules_for(inputs.registries), facts_from_lock(lock)),
+                *run_checks(lock, inputs.registries).findings,
+                *check_structure(header),
+                *(f for f in (stale, mismatch) if f is not None),
+            ),
+            key=finding_sort_key,
+        )
+    )
     fired = {f.rule for f in findings if f.severity is Severity.ERROR}
     given = {a.rule for a in allow}
     kept = [a for a in carried if a.rule in fired and a.rule not in given]
@@ -111,16 +126,46 @@ def _upstream_tokenizer(inputs: Inputs) -> UpstreamTokenizerPin | None:
 
 
 def _model_pin(inputs: Inputs) -> ModelPin:
-    header = inputs.header
-    # Chat templates are pinned under [template]; the model pin keeps only their digest.
-    scalars = {k: v for k, v in header.metadata.items() if not k.startswith("tokenizer.chat_template")}
-    return ModelPin(
+    pin = pin_model(
+        inputs.header,
+        inputs.model_digests,
         source=inputs.manifest.model.source,
         path=model_location(inputs),
         revision=inputs.model_revision,
-        sha256=inputs.model_sha256,
         size=inputs.model_size,
         parts=inputs.parts,
+    )
+    if inputs.model_path is None:  # A hub model locked from its header: no region digests (see load).
+        return pin.model_copy(update={"header_sha256": None, "data_xxh3": None})
+    return pin
+
+
+def pin_model(
+    header: ModelHeader,
+    digests: FileDigests,
+    *,
+    source: str,
+    path: str,
+    revision: str | None,
+    size: int,
+    parts: tuple[FilePin, ...],
+) -> ModelPin:
+    """The model pin of a file from its header summary and digests; pure."""
+    # Chat templates are pinned under [template]; the model pin keeps only their digest.
+    scalars = {
+        k: pin_metadata_value(v)
+        for k, v in header.metadata.items()
+        if not k.startswith("tokenizer.chat_template")
+    }
+    return ModelPin(
+        source=source,
+        path=path,
+        revision=revision,
+        sha256=digests.sha256,
+        size=size,
+        header_sha256=digests.header_sha256,
+        data_xxh3=digests.data_xxh3,
+        parts=parts,
         gguf_version=header.version,
         architecture=header.architecture,
         name=header.name,
@@ -130,6 +175,7 @@ def _model_pin(inputs: Inputs) -> ModelPin:
         context_length=header.context_length,
         chat_template_sha256=_sha256_text(header.chat_template),
         special_texts=header.special_texts,
+        special_texts_complete=True,
         metadata=scalars,
         arrays=header.arrays,
     )
