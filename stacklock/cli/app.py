@@ -217,6 +217,7 @@ class VerifyFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
     JUNIT = "junit"
+    MARKDOWN = "markdown"
 
 
 @app.command()
@@ -237,6 +238,13 @@ def verify(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
     ] = False,
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            help="Also append a Markdown summary to this file (in GitHub Actions: $GITHUB_STEP_SUMMARY).",
+        ),
+    ] = None,
 ) -> None:
     """Re-run the smoke prompts and certify that the locked stack reproduces; name the stage that broke."""
     from stacklock.files.atomic import write_text_atomic  # noqa: PLC0415
@@ -256,6 +264,18 @@ def verify(
         lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance), offline=offline
     )
     _echo(render(report, fmt.value).rstrip("\n"))
+    if summary is not None:
+        from stacklock.report.verify import render_markdown  # noqa: PLC0415
+
+        # A step summary is appended to, as GitHub Actions expects: several steps may write to one file.
+        try:
+            with summary.open("a", encoding="utf-8") as handle:
+                handle.write(render_markdown(report))
+        except OSError as exc:
+            raise UsageError(
+                f"--summary {summary}: cannot append to it ({exc.strerror or exc})",
+                hint="give a writable file path",
+            ) from None
     if certificate is not None:
         from stacklock.lock.project import read_lock  # noqa: PLC0415
 
