@@ -12,6 +12,7 @@ import pytest
 
 from stacklock.cli.app import main
 from tests.gguf_builder import build_tiny_gguf
+from tests.hub_server import hub  # noqa: F401 - The local hub fixture, for every test module.
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -29,7 +29,8 @@ from stacklock.model.manifest import MANIFEST_NAME
 from stacklock.registry.fetch import resolve_registries
 from stacklock.reporter import NO_REPORTER, Reporter
 from stacklock.rules.versions import same_commit
-from stacklock.sources.model import fetch_model, parse_model_source
+from stacklock.sources.hub import download_hub_file
+from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.verify.compare import (
     StageResult,
     Tolerance,
@@ -71,24 +72,32 @@ def check_engine_commit(lock: Lock, identity: EngineIdentity) -> None:
     )
 
 
-def locate(location: str, base: Path) -> Path | None:
-    """A locked file on disk (relative to the manifest, or a hub file at its pinned commit in the local cache).
+def locate(location: str, base: Path, *, sha256: str | None = None, download: bool = False) -> Path | None:
+    """A locked file on disk (relative to the manifest, or a hub file at its pinned commit in the hub cache).
 
-    None when it is not there: verify never downloads.
+    None when it is not there. With ``download``, a hub file missing from the cache is downloaded at the locked
+    commit and checked against ``sha256`` before it is used; a download that fails is an error (exit 3).
     """
-    if not location.startswith("hf://"):
+    source = parse_model_source(location)
+    if not isinstance(source, HubSource):
         path = base / location
         return path if path.is_file() else None
     try:
-        return fetch_model(parse_model_source(location), base, offline=True).path
+        path, _ = download_hub_file(
+            source.repo, source.revision, source.path, offline=not download, sha256=sha256
+        )
+    except errors.NetworkError:
+        if download:
+            raise
+        return None
     except StacklockError:
         return None
+    return path
 
 
-def model_files(lock: Lock, base: Path) -> dict[str, Path | None]:
-    files = {lock.model.path: locate(lock.model.path, base)}
-    files.update({part.path: locate(part.path, base) for part in lock.model.parts})
-    return files
+def model_files(lock: Lock, base: Path, *, download: bool = False) -> dict[str, Path | None]:
+    pins = [(lock.model.path, lock.model.sha256), *((p.path, p.sha256) for p in lock.model.parts)]
+    return {label: locate(label, base, sha256=sha, download=download) for label, sha in pins}
 
 
 def _require_model(lock: Lock, base: Path) -> Path:
@@ -185,19 +194,21 @@ def record_lock(
     top_k: int = 5,
     session: EngineSession | None = None,
     reporter: Reporter = NO_REPORTER,
+    offline: bool = False,
 ) -> Lock:
     """Run every smoke prompt of ``lock`` and return it with the goldens stored; nothing is written.
 
     ``base`` is the directory relative model paths are read from. ``session`` is an engine session already
     holding the locked model on the locked backend (a matrix or a bisection shares one); without it one is
-    started for this call. ``reporter`` is told what stacklock and the engine are doing.
+    started for this call. ``reporter`` is told what stacklock and the engine are doing. Hub files missing from
+    the hub cache are downloaded at their locked commit, unless ``offline``.
     """
     check_engine(lock)
     if not lock.smoke:
         raise errors.LockError(
             f"stack '{lock.stack.name}': no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
-    artifacts = _artifacts(lock, base, HashCache(), reporter)
+    artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
     prompts = [_rendered(lock, p) for p in lock.smoke]
@@ -212,17 +223,23 @@ def record_lock(
     )
 
 
-def record(lock_path: Path, *, top_k: int = 5, reporter: Reporter = NO_REPORTER) -> Lock:
+def record(
+    lock_path: Path, *, top_k: int = 5, reporter: Reporter = NO_REPORTER, offline: bool = False
+) -> Lock:
     """Run every smoke prompt of the lock file and store the goldens in it (written atomically)."""
-    recorded = record_lock(read_lock(lock_path), lock_path.parent, top_k=top_k, reporter=reporter)
+    recorded = record_lock(
+        read_lock(lock_path), lock_path.parent, top_k=top_k, reporter=reporter, offline=offline
+    )
     write_lock(lock_path, recorded)
     return recorded
 
 
-def _artifacts(lock: Lock, base: Path, cache: HashCache, reporter: Reporter) -> StageResult:
+def _artifacts(
+    lock: Lock, base: Path, cache: HashCache, reporter: Reporter, *, download: bool = False
+) -> StageResult:
     expected = {lock.model.path: lock.model.sha256} | {p.path: p.sha256 for p in lock.model.parts}
     observed: dict[str, str | None] = {}
-    for label, path in model_files(lock, base).items():
+    for label, path in model_files(lock, base, download=download).items():
         observed[label] = None if path is None else cache.sha256(path, reporter=reporter)
     changes: tuple[str, ...] = ()
     diff = None
@@ -268,7 +285,10 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
         registries = resolve_registries(
             manifest.registries, pins=lock.registries, offline=True, base_dir=base
         )
-        return load_template(manifest, header, base, registries).text
+        # A hub template is re-read from the hub cache at its locked commit; verify asks the hub nothing for it.
+        return load_template(
+            manifest, header, base, registries, offline=True, revision=lock.template.revision
+        ).text
     except StacklockError:
         return None
 
@@ -281,10 +301,11 @@ def verify_lock(
     manifest_path: Path | None = None,
     session: EngineSession | None = None,
     reporter: Reporter = NO_REPORTER,
+    offline: bool = False,
 ) -> VerifyReport:
     """Re-run every smoke prompt of ``lock`` and compare each stage with its goldens.
 
-    ``base``, ``session`` and ``reporter`` are as for :func:`record_lock`. ``manifest_path`` names the manifest
+    ``base``, ``session``, ``reporter`` and ``offline`` are as for :func:`record_lock`. ``manifest_path`` names the manifest
     whose template source is re-read when the locked template text was edited (to show the first changed
     character); without it that explanation is left out.
     """
@@ -293,7 +314,7 @@ def verify_lock(
             f"stack '{lock.stack.name}': no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
     check_engine(lock)
-    artifacts = _artifacts(lock, base, HashCache(), reporter)
+    artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
     text = lock.template.text
@@ -350,7 +371,11 @@ def verify_lock(
 
 
 def verify(
-    lock_path: Path, *, tolerance: Tolerance | None = None, reporter: Reporter = NO_REPORTER
+    lock_path: Path,
+    *,
+    tolerance: Tolerance | None = None,
+    reporter: Reporter = NO_REPORTER,
+    offline: bool = False,
 ) -> VerifyReport:
     """Re-run every smoke prompt of the lock file and compare each stage with the goldens."""
     return verify_lock(
@@ -359,6 +384,7 @@ def verify(
         tolerance=tolerance,
         manifest_path=lock_path.with_name(MANIFEST_NAME),
         reporter=reporter,
+        offline=offline,
     )
 
 
