@@ -24,7 +24,7 @@ class RecordingReporter(Reporter):
     @property
     def steps(self) -> list[str]:
         """The steps in the order they started."""
-        return [call[1] for call in self.calls if call[0] == "started"]  # type: ignore[misc]
+        return [call[1] for call in self.calls if call[0] == "started"]
 
     def progress_of(self, step: str) -> list[tuple[int, int]]:
         return [(c[2], c[3]) for c in self.calls if c[0] == "progress" and c[1] == step]  # type: ignore[misc]

@@ -114,8 +114,8 @@ def _steps(names: list[str]) -> list[str]:
     return [
         "loading the engine",
         "loading the model tiny.gguf",
-        *(f"running the smoke prompt '{name}'" for name in names),
         "asking the engine how it would render a chat",
+        *(f"running the smoke prompt '{name}'" for name in names),
     ]
 
 
@@ -364,6 +364,7 @@ def test_an_engine_crash_is_exit_3_with_one_clear_line(tmp_path: Path, cli: Cli)
         assert steps == [
             "loading the engine",
             "loading the model tiny.gguf",
+            "asking the engine how it would render a chat",
             "running the smoke prompt 'hello'",
         ]
         assert error.startswith(

@@ -54,9 +54,9 @@ max-tokens = 2
 ENGINE_STEPS = [
     "loading the engine",
     "loading the model tiny.gguf",
+    "asking the engine how it would render a chat",
     "running the smoke prompt 'hello'",
     "running the smoke prompt 'again'",
-    "asking the engine how it would render a chat",
 ]
 
 

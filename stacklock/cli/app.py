@@ -104,13 +104,25 @@ def lock(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only cached registries and models.")
     ] = False,
+    upgrade: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade", help="Re-resolve hub branches and tags instead of keeping the locked commits."
+        ),
+    ] = False,
+    upgrade_link: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--upgrade-link", help="Re-resolve one link only: model, template or tokenizer (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
     from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
     from stacklock.errors import LockError, NewerLockError  # noqa: PLC0415
-    from stacklock.lock.api import lock_stack, merge_goldens  # noqa: PLC0415
-    from stacklock.lock.fresh import check_lock  # noqa: PLC0415
-    from stacklock.lock.project import read_lock, write_lock  # noqa: PLC0415
+    from stacklock.lock.api import HUB_LINKS, kept_revisions, lock_stack, merge_goldens  # noqa: PLC0415
+    from stacklock.lock.fresh import check_lock, moved_revisions  # noqa: PLC0415
+    from stacklock.lock.project import read_lock, read_manifest, write_lock  # noqa: PLC0415
     from stacklock.model.findings import Allowance  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
@@ -120,6 +132,8 @@ def lock(
         with cli_reporter() as reporter:
             locked = check_lock(manifest, lock_path, offline=offline, reporter=reporter)
         _note(f"{lock_path} is fresh ({len(locked.findings)} finding(s) recorded)")
+        for moved in moved_revisions(locked, offline=offline):
+            _note(f"info: {moved}")
         return
     if allow and not reason:
         raise UsageError(
@@ -134,6 +148,12 @@ def lock(
         except LockError as exc:
             # The new lock replaces it either way; only its goldens and allowances cannot be carried over.
             _note(f"note: the previous lock is unreadable ({exc.one_line()}); writing a fresh one")
+    unknown = sorted(set(upgrade_link or ()) - set(HUB_LINKS))
+    if unknown:
+        raise UsageError(
+            f"--upgrade-link {unknown[0]}: not a hub link", hint=f"use one of {', '.join(HUB_LINKS)}"
+        )
+    upgrading = set(HUB_LINKS) if upgrade else set(upgrade_link or ())
     given = tuple(Allowance(rule=r, reason=reason or "") for r in allow or ())
     with cli_reporter() as reporter:
         new = lock_stack(
@@ -143,6 +163,7 @@ def lock(
             use_cache=not no_cache,
             reporter=reporter,
             offline=offline,
+            revisions=kept_revisions(read_manifest(manifest)[0], previous, upgrading),
         )
     new = merge_goldens(new, previous)
     changed = write_lock(lock_path, new)
@@ -175,6 +196,9 @@ def inspect(
 def record(
     manifest: ManifestOption = DEFAULT_MANIFEST,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=50, help="Alternatives stored per token.")] = 5,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
+    ] = False,
 ) -> None:
     """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
     from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
@@ -183,7 +207,7 @@ def record(
 
     lock_path = _lock_path(manifest)
     with cli_reporter() as reporter:
-        recorded = record_goldens(lock_path, top_k=top_k, reporter=reporter)
+        recorded = record_goldens(lock_path, top_k=top_k, reporter=reporter, offline=offline)
     for pin in recorded.smoke:
         assert pin.golden is not None
         _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
@@ -216,6 +240,9 @@ def verify(
             help="Accept a divergence at a near-tie: the golden token is in the top-k and within this logprob gap.",
         ),
     ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
+    ] = False,
     summary: Annotated[
         Path | None,
         typer.Option(
@@ -246,7 +273,7 @@ def verify(
     lock_path = _lock_path(manifest)
     with cli_reporter() as reporter:
         margin = None if tolerance is None else Tolerance(margin=tolerance)
-        report = verify_stack(lock_path, tolerance=margin, reporter=reporter)
+        report = verify_stack(lock_path, tolerance=margin, reporter=reporter, offline=offline)
     _echo(render(report, fmt.value).rstrip("\n"))
     if summary is not None:
         from stacklock.report.verify import render_markdown  # noqa: PLC0415

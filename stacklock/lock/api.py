@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from stacklock.errors import RuleViolation
@@ -10,6 +10,7 @@ from stacklock.lock.load import load_inputs
 from stacklock.lock.resolve import resolve
 from stacklock.model.findings import Allowance
 from stacklock.model.lock import Lock
+from stacklock.model.manifest import Manifest
 from stacklock.reporter import NO_REPORTER, Reporter
 
 
@@ -21,8 +22,12 @@ def lock_stack(
     use_cache: bool = True,
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
+    revisions: Mapping[str, str] | None = None,
 ) -> Lock:
-    inputs = load_inputs(manifest_path, use_cache=use_cache, reporter=reporter, offline=offline)
+    """Lock the stack; ``revisions`` keeps hub links at commits locked before (see :func:`kept_revisions`)."""
+    inputs = load_inputs(
+        manifest_path, use_cache=use_cache, reporter=reporter, offline=offline, revisions=revisions
+    )
     resolution = resolve(inputs, allow, carried)
     for allowance in resolution.stale:
         reporter.event(
@@ -43,3 +48,41 @@ def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
     if previous is None or previous.behaviour() != new.behaviour():
         return new
     return new.model_copy(update={"smoke": previous.smoke, "recording": previous.recording})
+
+
+#: The links whose hub sources resolve branches and tags to commits.
+HUB_LINKS = ("model", "template", "tokenizer")
+
+
+def locked_revisions(lock: Lock) -> dict[str, str]:
+    """The commit each hub link of a lock was resolved to, with the source it was resolved from."""
+    found = {}
+    if lock.model.revision:
+        found["model"] = lock.model.revision
+    if lock.template.source.startswith("hf://") and lock.template.revision:
+        found["template"] = lock.template.revision
+    if lock.upstream_tokenizer is not None:
+        found["tokenizer"] = lock.upstream_tokenizer.revision
+    return found
+
+
+def kept_revisions(manifest: Manifest, previous: Lock | None, upgrade: Collection[str]) -> dict[str, str]:
+    """The commits a re-lock keeps: the locked ones, except for links being upgraded or whose source changed.
+
+    Like ``uv lock``: a branch or tag is resolved once and stays pinned until ``lock --upgrade`` re-resolves it.
+    """
+    if previous is None:
+        return {}
+    sources = {
+        "model": (manifest.model.source, previous.model.source),
+        "template": (manifest.template.source, previous.template.source),
+        "tokenizer": (
+            manifest.tokenizer.source,
+            previous.upstream_tokenizer.source if previous.upstream_tokenizer else None,
+        ),
+    }
+    return {
+        link: commit
+        for link, commit in locked_revisions(previous).items()
+        if link not in upgrade and sources[link][0] == sources[link][1]
+    }

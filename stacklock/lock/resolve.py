@@ -38,6 +38,7 @@ from stacklock.model.lock import (
     Lock,
     ModelPin,
     TemplatePin,
+    UpstreamTokenizerPin,
     created_by,
     manifest_hash,
     pin_metadata_value,
@@ -46,9 +47,11 @@ from stacklock.model.manifest import Manifest
 from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import evaluate, finding_sort_key, judge, rules_for
+from stacklock.rules.upstream import compare_tokenizers, parse_upstream_tokenizer, tokenizer_finding
 from stacklock.rules.versions import EngineTables, is_build_requirement, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
+from stacklock.template.upstream import stale_embedded_finding
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,10 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     info = inputs.adapter
     tables = EngineTables.merged(inputs.registries)
     engine = _engine_pin(manifest, info, inputs.installed_engine_version, tables)
-    template = _template_pin(manifest, inputs.template)
-    sampler = effective_sampler(info.sampler_defaults if info else None, header.metadata, manifest.sampler)
+    template = _template_pin(manifest, inputs.template, header.chat_template)
+    sampler = effective_sampler(
+        info.sampler_defaults if info else None, header.metadata, manifest.sampler, inputs.generation_config
+    )
     unrendered = tuple(
         _smoke_pin(s, _max_tokens(s.name, s.max_tokens, sampler.max_tokens, engine.name))
         for s in manifest.smoke
@@ -92,12 +97,20 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         model=_model_pin(inputs),
         template=template,
         tokenizer=inputs.header.tokenizer,
+        upstream_tokenizer=_upstream_tokenizer(inputs),
         engine=engine,
         backend=effective_backend(info.backend_defaults if info else None, manifest.backend),
         sampler=sampler,
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
     )
+    stale = stale_embedded_finding(
+        header.chat_template if template.embedded_differs else None,
+        template.text,
+        bos=header.tokenizer.bos_text,
+        eos=header.tokenizer.eos_text,
+    )
+    mismatch = tokenizer_finding(lock.upstream_tokenizer) if lock.upstream_tokenizer else None
     # Built-in checks (template probes, pre-tokenizers, the GGUF's structure) report like rules, so --allow, lock refusal and `check` treat both alike.
     findings = tuple(
         sorted(
@@ -105,6 +118,7 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
                 *evaluate(rules_for(inputs.registries), facts_from_lock(lock)),
                 *run_checks(lock, inputs.registries).findings,
                 *check_structure(header),
+                *(f for f in (stale, mismatch) if f is not None),
             ),
             key=finding_sort_key,
         )
@@ -116,16 +130,33 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
     return Resolution(lock, judgement.blocking, judgement.stale)
 
 
+def _upstream_tokenizer(inputs: Inputs) -> UpstreamTokenizerPin | None:
+    files = inputs.upstream_tokenizer
+    if files is None:
+        return None
+    pin = parse_upstream_tokenizer(
+        files.tokenizer_json,
+        files.config_json,
+        source=inputs.manifest.tokenizer.source,
+        origin=files.origin,
+        revision=files.revision,
+    )
+    return pin.model_copy(update={"differences": compare_tokenizers(inputs.header.tokenizer, pin)})
+
+
 def _model_pin(inputs: Inputs) -> ModelPin:
-    return pin_model(
+    pin = pin_model(
         inputs.header,
         inputs.model_digests,
         source=inputs.manifest.model.source,
         path=model_location(inputs),
         revision=inputs.model_revision,
-        size=inputs.model_path.stat().st_size,
+        size=inputs.model_size,
         parts=inputs.parts,
     )
+    if inputs.model_path is None:  # A hub model locked from its header: no region digests (see load).
+        return pin.model_copy(update={"header_sha256": None, "data_xxh3": None})
+    return pin
 
 
 def pin_model(
@@ -174,6 +205,8 @@ def model_location(inputs: Inputs) -> str:
     source = parse_model_source(inputs.manifest.model.source)
     if isinstance(source, HubSource):
         return f"hf://{source.repo}@{inputs.model_revision or source.revision}/{source.path}"
+    if inputs.model_path is None:  # Only hub models are locked without a local file.
+        return inputs.manifest.model.source
     return _rel(inputs.model_path, inputs.base_dir)
 
 
@@ -280,9 +313,10 @@ def _exact_build(requirement: str) -> int | None:
     return bounds[0] if bounds else None
 
 
-def _template_pin(manifest: Manifest, resolved: ResolvedTemplate) -> TemplatePin:
+def _template_pin(manifest: Manifest, resolved: ResolvedTemplate, embedded: str | None) -> TemplatePin:
     spec = manifest.template
     text = resolved.text
+    upstream = spec.source.startswith("hf://")
     return TemplatePin(
         source=spec.source,
         origin=resolved.origin,
@@ -293,4 +327,7 @@ def _template_pin(manifest: Manifest, resolved: ResolvedTemplate) -> TemplatePin
         now=spec.now,
         variables=dict(sorted(spec.variables.items())),
         text=text,
+        embedded_differs=(embedded != text)
+        if upstream and embedded is not None and text is not None
+        else None,
     )

@@ -1,7 +1,7 @@
 """Effective settings: every sampler and backend value written out, so that no default stays implicit.
 
 Sampler values merge in this order, later wins: the engine's defaults < the GGUF's ``general.sampling.*``
-recommendations < the manifest. stacklock passes every effective value to the engine explicitly, so an engine
+recommendations < a Hub ``generation_config.json`` (``[sampler] defaults``) < the manifest. stacklock passes every effective value to the engine explicitly, so an engine
 upgrade that changes a default cannot change a locked stack's behaviour.
 
 The engine's defaults are what its adapter declares (:class:`stacklock.engines.base.AdapterInfo`), passed in by
@@ -22,7 +22,7 @@ from stacklock.model.manifest import BackendKind, BackendSpec, SamplerSpec
 
 #: Where an effective value came from; "unknown": nobody said, and stacklock does not know the engine's default
 #: (the value is absent from the lock, and the engine is left to its own default or refuses to run).
-Origin = Literal["manifest", "gguf", "engine-default", "unknown"]
+Origin = Literal["manifest", "gguf", "generation-config", "engine-default", "unknown"]
 
 #: GGUF ``general.sampling.*`` keys (llama.cpp b7151+) and the sampler field each one recommends.
 GGUF_SAMPLING_KEYS: Mapping[str, str] = {
@@ -35,6 +35,18 @@ GGUF_SAMPLING_KEYS: Mapping[str, str] = {
     "general.sampling.mirostat": "mirostat",
     "general.sampling.mirostat_tau": "mirostat_tau",
     "general.sampling.mirostat_eta": "mirostat_eta",
+}
+
+
+#: ``generation_config.json`` keys (transformers) and the sampler fields they set; vLLM applies them by default.
+GENERATION_CONFIG_KEYS: Mapping[str, str] = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "repetition_penalty": "repeat_penalty",
+    "max_new_tokens": "max_tokens",
 }
 
 
@@ -59,7 +71,7 @@ class EffectiveSampler(Model):
         default=None, description="Stop strings; the output is cut before them."
     )
     origin: dict[str, Origin] = Field(
-        description="Where each value came from: manifest, gguf, engine-default or unknown (absent above)."
+        description="Where each value came from: manifest, gguf, generation-config, engine-default or unknown (absent above)."
     )
 
 
@@ -84,13 +96,17 @@ class EffectiveBackend(Model):
 
 
 def effective_sampler(
-    defaults: Mapping[str, Any] | None, gguf_metadata: Mapping[str, Any], spec: SamplerSpec
+    defaults: Mapping[str, Any] | None,
+    gguf_metadata: Mapping[str, Any],
+    spec: SamplerSpec,
+    generation_config: Mapping[str, Any] | None = None,
 ) -> EffectiveSampler:
-    """Merge engine defaults < GGUF recommendations < manifest, recording each value's origin.
+    """Merge engine defaults < GGUF recommendations < generation_config.json < manifest, with each value's origin.
 
     ``defaults`` are the engine adapter's; None when stacklock does not know them.
     """
-    values: dict[str, Any] = dict.fromkeys(SamplerSpec.model_fields)
+    # ``defaults`` names where defaults come from (a generation_config.json), not a sampler value.
+    values: dict[str, Any] = dict.fromkeys(f for f in SamplerSpec.model_fields if f != "defaults")
     origin: dict[str, Origin] = dict.fromkeys(values, "unknown")
     for field, value in (defaults or {}).items():
         values[field] = value
@@ -99,7 +115,12 @@ def effective_sampler(
         if key in gguf_metadata and isinstance(gguf_metadata[key], int | float):
             values[field] = gguf_metadata[key]
             origin[field] = "gguf"
-    for field, value in spec.model_dump(exclude_none=True).items():
+    for key, field in GENERATION_CONFIG_KEYS.items():
+        value = (generation_config or {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values[field] = value
+            origin[field] = "generation-config"
+    for field, value in spec.model_dump(exclude_none=True, exclude={"defaults"}).items():
         values[field] = value
         origin[field] = "manifest"
     if values["stop"] is not None:

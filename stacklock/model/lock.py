@@ -136,6 +136,25 @@ class TemplatePin(Model):
         default_factory=dict, description="Extra variables."
     )
     text: str | None = Field(default=None, description="The exact template text.")
+    embedded_differs: bool | None = Field(
+        default=None,
+        description="For an upstream (hf://) template: whether the model file's embedded template differs from it.",
+    )
+
+
+class UpstreamTokenizerPin(Model):
+    """The upstream tokenizer (hub ``tokenizer.json``), fingerprinted like the GGUF's, and how they differ."""
+
+    source: str = Field(description="The tokenizer source as written in the manifest.")
+    origin: str = Field(description="Exactly where tokenizer.json was read from (hf://repo@commit/file).")
+    revision: str = Field(description="The hub commit.")
+    vocab_size: int = Field(description="Tokens, added tokens included.")
+    tokens_sha256: str = Field(description="sha256 of the token texts in id order, encoded like the GGUF's.")
+    merges_sha256: str | None = Field(default=None, description="sha256 of the BPE merges, like the GGUF's.")
+    bos_id: int | None = Field(default=None, description="tokenizer_config.json's bos_token, as an id.")
+    eos_id: int | None = Field(default=None, description="tokenizer_config.json's eos_token, as an id.")
+    add_bos: bool | None = Field(default=None, description="tokenizer_config.json's add_bos_token.")
+    differences: tuple[str, ...] = Field(default=(), description="How the GGUF's tokenizer differs from it.")
 
 
 class EnginePin(Model):
@@ -215,6 +234,10 @@ class Lock(Model):
     )
     tokenizer: TokenizerFingerprint = Field(
         description="The tokenizer's fingerprint: vocabulary digests, special tokens and flags."
+    )
+    upstream_tokenizer: UpstreamTokenizerPin | None = Field(
+        default=None,
+        description="The upstream tokenizer ([tokenizer] source = 'hf://…'), compared with the GGUF's.",
     )
     engine: EnginePin = Field(description="The engine and the exact version that runs the stack.")
     backend: EffectiveBackend = Field(

@@ -67,7 +67,9 @@ class TemplateSpec(Model):
         description=(
             "The chat template: 'gguf' (the one embedded in the model file), 'gguf:NAME' (a named embedded "
             "template), 'file:PATH' (a Jinja file relative to the manifest), 'registry:ID' (a known-good "
-            "template from the registry) or 'none' (raw prompts only)."
+            "template from the registry), 'hf://OWNER/REPO@REV[/FILE][#NAME]' (the upstream template of a hub "
+            "repository: chat_template.jinja, chat_template.json or tokenizer_config.json; #NAME picks a named "
+            "one) or 'none' (raw prompts only)."
         ),
     )
     now: dt.datetime = Field(
@@ -82,15 +84,28 @@ class TemplateSpec(Model):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        if value in ("gguf", "none") or re.match(r"^(gguf|file|registry):.+", value):
+        if value in ("gguf", "none") or re.match(r"^(gguf|file|registry):.+|^hf://[^/]+/[^/@#]+", value):
             return value
-        raise ValueError("must be 'gguf', 'gguf:NAME', 'file:PATH', 'registry:ID' or 'none'")
+        raise ValueError(
+            "must be 'gguf', 'gguf:NAME', 'file:PATH', 'registry:ID', 'hf://OWNER/REPO@REV' or 'none'"
+        )
 
 
 class TokenizerSpec(Model):
-    source: Literal["gguf"] = Field(
-        default="gguf", description="The tokenizer: 'gguf' (the vocabulary embedded in the model file)."
+    source: str = Field(
+        default="gguf",
+        description=(
+            "The tokenizer: 'gguf' (the vocabulary embedded in the model file), or 'hf://OWNER/REPO@REV' to "
+            "compare it with the upstream tokenizer.json (and tokenizer_config.json's special tokens)."
+        ),
     )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value == "gguf" or re.match(r"^hf://[^/]+/[^/@#]+", value):
+            return value
+        raise ValueError("must be 'gguf' or 'hf://OWNER/REPO@REV'")
 
 
 class EngineSpec(Model):
@@ -157,6 +172,14 @@ class SamplerSpec(Model):
     )
     stop: tuple[str, ...] | None = Field(
         default=None, description="Stop strings; the output is cut before them."
+    )
+    defaults: str | None = Field(
+        default=None,
+        description=(
+            "'hf://OWNER/REPO@REV': take sampler defaults from the repository's generation_config.json "
+            "(as vLLM does), above the GGUF's and below the values set here."
+        ),
+        pattern=r"^hf://[^/]+/[^/@#]+",
     )
 
 

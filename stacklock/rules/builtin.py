@@ -65,6 +65,8 @@ FAMILIES: tuple[str, ...] = (
     "stacklock.template.probes",
     "stacklock.rules.pretokenizers",
     "stacklock.rules.policy",
+    "stacklock.template.upstream",
+    "stacklock.rules.upstream",
 )
 
 

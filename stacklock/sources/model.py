@@ -11,15 +11,12 @@ One string format covers every kind, so new kinds slot in without a manifest for
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
-from stacklock.errors import NetworkError, SourceError
-from stacklock.files.atomic import describe_os_error
-from stacklock.reporter import NO_REPORTER, Reporter, step
+from stacklock.errors import SourceError
+from stacklock.reporter import NO_REPORTER, Reporter
 
 _HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
 
@@ -100,97 +97,10 @@ def fetch_model(
     )
 
 
-def _env_true(name: str) -> bool:
-    # The spellings huggingface_hub accepts for its own switches.
-    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_cache_dir() -> str | None:
-    # huggingface_hub reads these once, when it is first imported; reading them here, per call, lets a
-    # long-lived process (or a test) point stacklock at another cache without re-importing the client.
-    if cache := os.environ.get("HF_HUB_CACHE"):
-        return cache
-    if home := os.environ.get("HF_HOME"):
-        return str(Path(home) / "hub")
-    return None
-
-
 def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None, reporter: Reporter) -> FetchedModel:
-    # Imported here: huggingface_hub is slow to import and only hub sources need it.
-    from huggingface_hub import hf_hub_download  # noqa: PLC0415
-    from huggingface_hub.errors import (  # noqa: PLC0415
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    from stacklock.sources.hub import download_hub_file  # noqa: PLC0415 - huggingface_hub is slow to import.
+
+    path, commit = download_hub_file(
+        source.repo, source.revision, source.path, offline=offline, endpoint=endpoint, reporter=reporter
     )
-
-    where = f"model.source: hf://{source.repo}@{source.revision}/{source.path}"
-    name = f"fetching hf://{source.repo}@{source.revision}/{source.path}"
-    try:
-        with step(reporter, name):
-            local = hf_hub_download(
-                repo_id=source.repo,
-                filename=source.path,
-                revision=source.revision,
-                cache_dir=_hub_cache_dir(),
-                # The client reads HF_ENDPOINT and HF_HUB_OFFLINE at import; these are read per call.
-                endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,
-                local_files_only=offline or _env_true("HF_HUB_OFFLINE"),
-                tqdm_class=_download_bar(reporter, name),
-            )
-    except RepositoryNotFoundError:
-        raise SourceError(
-            f"{where}: repository not found (or private)",
-            hint="check the owner/repo name (a private repository needs HF_TOKEN)",
-        ) from None
-    except RevisionNotFoundError:
-        raise SourceError(f"{where}: revision not found", hint="check the branch, tag or commit") from None
-    except RemoteEntryNotFoundError:
-        raise SourceError(f"{where}: file not found in the repository", hint="check the path") from None
-    except LocalEntryNotFoundError:
-        # Also an EntryNotFoundError in huggingface_hub: caught by its own class, after the remote one.
-        raise NetworkError(
-            f"{where}: not in the local hub cache and the hub is not reachable",
-            hint="go online once to download it, or set HF_ENDPOINT",
-        ) from None
-    except OSError as exc:
-        if exc.errno is None or isinstance(exc, HfHubHTTPError):
-            raise _download_failed(where, exc) from None
-        # An OSError with an errno is the local file system (the hub cache full, read-only or not a
-        # directory), not the network: retrying online would not help.
-        raise SourceError(
-            f"{where}: cannot write the hub cache: {describe_os_error(exc)}",
-            hint="free disk space, or point HF_HUB_CACHE at a writable directory",
-        ) from None
-    path = Path(local)
-    # The hub cache lays files out as <repo>/snapshots/<commit>/<path in the repo>: the directory above the
-    # path's own folders is the resolved commit, whatever the branch or tag asked for.
-    depth = len(PurePosixPath(source.path).parts)
-    snapshot = path.parents[depth - 1]
-    revision = snapshot.name if snapshot.parent.name == "snapshots" else source.revision
-    return FetchedModel(path, revision)
-
-
-def _download_failed(where: str, exc: OSError) -> NetworkError:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return NetworkError(f"{where}: download failed: {reason}", hint="check the network or HF_ENDPOINT")
-
-
-def _download_bar(reporter: Reporter, name: str) -> type[Any]:
-    """A tqdm class for huggingface_hub that forwards the bytes downloaded to ``reporter`` and draws nothing."""
-    from tqdm import tqdm  # type: ignore[import-untyped]  # noqa: PLC0415 - huggingface_hub brings it.
-
-    class ToReporter(tqdm):  # type: ignore[misc]  # tqdm has no type hints here.
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._done = int(kwargs.get("initial") or 0)
-            self._total = int(kwargs.get("total") or 0)
-            super().__init__(*args, **{**kwargs, "disable": True})
-
-        def update(self, n: float | None = 1) -> bool | None:
-            self._done += int(n or 0)
-            reporter.progress(name, self._done, self._total)
-            return None
-
-    return ToReporter
+    return FetchedModel(path, commit)

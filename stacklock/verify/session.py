@@ -14,7 +14,7 @@ from typing import Any
 from stacklock import errors
 from stacklock.engines.base import EngineIdentity
 from stacklock.engines.machine import current_environment, installed_engine_version
-from stacklock.engines.runner import RenderedSmoke, run_engine
+from stacklock.engines.runner import EngineRun, EngineSession, RenderedSmoke, run_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
@@ -25,10 +25,12 @@ from stacklock.lock.project import read_lock, read_manifest, write_lock
 from stacklock.lock.resolve import pin_model
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import FilePin, Lock, SmokePin
+from stacklock.model.manifest import MANIFEST_NAME
 from stacklock.registry.fetch import resolve_registries
 from stacklock.reporter import NO_REPORTER, Reporter
 from stacklock.rules.versions import same_commit
-from stacklock.sources.model import fetch_model, parse_model_source
+from stacklock.sources.hub import download_hub_file
+from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.verify.compare import (
     StageResult,
     Tolerance,
@@ -70,24 +72,32 @@ def check_engine_commit(lock: Lock, identity: EngineIdentity) -> None:
     )
 
 
-def locate(location: str, base: Path) -> Path | None:
-    """A locked file on disk (relative to the manifest, or a hub file at its pinned commit in the local cache).
+def locate(location: str, base: Path, *, sha256: str | None = None, download: bool = False) -> Path | None:
+    """A locked file on disk (relative to the manifest, or a hub file at its pinned commit in the hub cache).
 
-    None when it is not there: verify never downloads.
+    None when it is not there. With ``download``, a hub file missing from the cache is downloaded at the locked
+    commit and checked against ``sha256`` before it is used; a download that fails is an error (exit 3).
     """
-    if not location.startswith("hf://"):
+    source = parse_model_source(location)
+    if not isinstance(source, HubSource):
         path = base / location
         return path if path.is_file() else None
     try:
-        return fetch_model(parse_model_source(location), base, offline=True).path
+        path, _ = download_hub_file(
+            source.repo, source.revision, source.path, offline=not download, sha256=sha256
+        )
+    except errors.NetworkError:
+        if download:
+            raise
+        return None
     except StacklockError:
         return None
+    return path
 
 
-def model_files(lock: Lock, base: Path) -> dict[str, Path | None]:
-    files = {lock.model.path: locate(lock.model.path, base)}
-    files.update({part.path: locate(part.path, base) for part in lock.model.parts})
-    return files
+def model_files(lock: Lock, base: Path, *, download: bool = False) -> dict[str, Path | None]:
+    pins = [(lock.model.path, lock.model.sha256), *((p.path, p.sha256) for p in lock.model.parts)]
+    return {label: locate(label, base, sha256=sha, download=download) for label, sha in pins}
 
 
 def _require_model(lock: Lock, base: Path) -> Path:
@@ -103,40 +113,133 @@ def _require_model(lock: Lock, base: Path) -> Path:
 def _rendered(lock: Lock, pin: SmokePin) -> RenderedSmoke:
     # The BOS decision is re-derived from the lock's tokenizer flags, so an edited flag shows at tokenization.
     rendered = render_smoke(pin, lock.template, lock.tokenizer)
-    return RenderedSmoke(pin.name, rendered, pin.max_tokens, effective_add_bos(pin, rendered, lock.tokenizer))
+    # A report may name the golden's tokens, BOS and EOS; a hand-edited golden may name a token the
+    # vocabulary lacks, which llama.cpp aborts on, so only ids inside the vocabulary are decoded.
+    wanted = {t for t in (lock.tokenizer.bos_id, lock.tokenizer.eos_id) if t is not None}
+    if pin.golden is not None:
+        wanted |= {*(pin.golden.prompt_tokens or ()), *pin.golden.tokens}
+        wanted |= {t for step in pin.golden.top_logprobs for t, _ in step}
+    return RenderedSmoke(
+        name=pin.name,
+        rendered=rendered,
+        max_tokens=pin.max_tokens,
+        add_bos=effective_add_bos(pin, rendered, lock.tokenizer),
+        sampler=lock.sampler,
+        decode=tuple(sorted(t for t in wanted if 0 <= t < lock.tokenizer.vocab_size)),
+    )
 
 
-def record(lock_path: Path, *, top_k: int = 5, reporter: Reporter = NO_REPORTER) -> Lock:
-    """Run every smoke prompt and store its golden in the lock (written atomically)."""
-    lock = read_lock(lock_path)
-    base = lock_path.parent
+class _EngineSteps:
+    """What the engine's child process says it is doing, as reporter steps: each activity ends the one before."""
+
+    def __init__(self, reporter: Reporter, prompts: int) -> None:
+        self._reporter = reporter
+        self._current: str | None = None
+        self._prompts = prompts
+        self._done = 0
+
+    def __call__(self, doing: str) -> None:
+        self.close()
+        self._current = doing
+        self._reporter.step_started(doing)
+        if doing.startswith("running the smoke prompt"):
+            # Smoke prompts are counted: a terminal shows "1 of N".
+            self._reporter.progress(doing, self._done, self._prompts)
+            self._done += 1
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._reporter.step_finished(self._current)
+            self._current = None
+
+
+def _observe(
+    lock: Lock,
+    model_path: Path,
+    prompts: Sequence[RenderedSmoke],
+    *,
+    top_k: int,
+    session: EngineSession | None,
+    reporter: Reporter,
+) -> EngineRun:
+    """Run the prompts on the caller's engine session, or on one started (and ended) for them."""
+    if session is None:
+        steps = _EngineSteps(reporter, len(prompts))
+        try:
+            run = run_engine(lock.engine.name, model_path, lock.backend, prompts, top_k=top_k, progress=steps)
+        finally:
+            steps.close()
+        check_engine_commit(lock, run.identity)
+        return run
+    # Jobs of several locks share a session only when it runs exactly what each lock pins.
+    if session.engine != lock.engine.name:
+        mismatch = f"runs {session.engine}, but the lock names {lock.engine.name}"
+    elif session.model_path.resolve() != model_path.resolve():
+        mismatch = f"holds {session.model_path}, but the lock's model is {model_path}"
+    elif session.backend != lock.backend:
+        mismatch = "was started with another backend than the lock's"
+    else:
+        run = session.observe(prompts, top_k=top_k)
+        check_engine_commit(lock, run.identity)
+        return run
+    raise errors.UsageError(
+        f"the engine session {mismatch}", hint="start one session per engine, model and backend"
+    )
+
+
+def record_lock(
+    lock: Lock,
+    base: Path,
+    *,
+    top_k: int = 5,
+    session: EngineSession | None = None,
+    reporter: Reporter = NO_REPORTER,
+    offline: bool = False,
+) -> Lock:
+    """Run every smoke prompt of ``lock`` and return it with the goldens stored; nothing is written.
+
+    ``base`` is the directory relative model paths are read from. ``session`` is an engine session already
+    holding the locked model on the locked backend (a matrix or a bisection shares one); without it one is
+    started for this call. ``reporter`` is told what stacklock and the engine are doing. Hub files missing from
+    the hub cache are downloaded at their locked commit, unless ``offline``.
+    """
     check_engine(lock)
     if not lock.smoke:
         raise errors.LockError(
-            f"{lock_path}: no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
+            f"stack '{lock.stack.name}': no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
-    artifacts = _artifacts(lock, base, HashCache(), reporter)
+    artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
     prompts = [_rendered(lock, p) for p in lock.smoke]
-    run = run_engine(lock, _require_model(lock, base), prompts, top_k=top_k, reporter=reporter)
-    check_engine_commit(lock, run.identity)
+    run = _observe(lock, _require_model(lock, base), prompts, top_k=top_k, session=session, reporter=reporter)
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
         for pin in lock.smoke
     )
     environment = current_environment().model_dump(mode="json", by_alias=True)
-    recorded = lock.model_copy(
+    return lock.model_copy(
         update={"smoke": smoke, "recording": recording_from(run.identity, environment, top_k)}
+    )
+
+
+def record(
+    lock_path: Path, *, top_k: int = 5, reporter: Reporter = NO_REPORTER, offline: bool = False
+) -> Lock:
+    """Run every smoke prompt of the lock file and store the goldens in it (written atomically)."""
+    recorded = record_lock(
+        read_lock(lock_path), lock_path.parent, top_k=top_k, reporter=reporter, offline=offline
     )
     write_lock(lock_path, recorded)
     return recorded
 
 
-def _artifacts(lock: Lock, base: Path, cache: HashCache, reporter: Reporter) -> StageResult:
+def _artifacts(
+    lock: Lock, base: Path, cache: HashCache, reporter: Reporter, *, download: bool = False
+) -> StageResult:
     expected = {lock.model.path: lock.model.sha256} | {p.path: p.sha256 for p in lock.model.parts}
     observed: dict[str, str | None] = {}
-    for label, path in model_files(lock, base).items():
+    for label, path in model_files(lock, base, download=download).items():
         observed[label] = None if path is None else cache.sha256(path, reporter=reporter)
     changes: tuple[str, ...] = ()
     diff = None
@@ -182,30 +285,43 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
         registries = resolve_registries(
             manifest.registries, pins=lock.registries, offline=True, base_dir=base
         )
-        return load_template(manifest, header, base, registries).text
+        # A hub template is re-read from the hub cache at its locked commit; verify asks the hub nothing for it.
+        return load_template(
+            manifest, header, base, registries, offline=True, revision=lock.template.revision
+        ).text
     except StacklockError:
         return None
 
 
-def verify(
-    lock_path: Path, *, tolerance: Tolerance | None = None, reporter: Reporter = NO_REPORTER
+def verify_lock(
+    lock: Lock,
+    base: Path,
+    *,
+    tolerance: Tolerance | None = None,
+    manifest_path: Path | None = None,
+    session: EngineSession | None = None,
+    reporter: Reporter = NO_REPORTER,
+    offline: bool = False,
 ) -> VerifyReport:
-    """Re-run every smoke prompt and compare each stage with the goldens."""
-    lock = read_lock(lock_path)
-    base = lock_path.parent
+    """Re-run every smoke prompt of ``lock`` and compare each stage with its goldens.
+
+    ``base``, ``session``, ``reporter`` and ``offline`` are as for :func:`record_lock`. ``manifest_path`` names the manifest
+    whose template source is re-read when the locked template text was edited (to show the first changed
+    character); without it that explanation is left out.
+    """
     if not lock.smoke:
         raise errors.LockError(
-            f"{lock_path}: no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
+            f"stack '{lock.stack.name}': no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
     check_engine(lock)
-    artifacts = _artifacts(lock, base, HashCache(), reporter)
+    artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
     text = lock.template.text
     edited = (
         text is not None and lock.template.sha256 is not None and sha256_text(text) != lock.template.sha256
     )
-    reference = _reference_template(lock_path.with_name("llmstack.toml"), lock) if edited else None
+    reference = _reference_template(manifest_path, lock) if edited and manifest_path is not None else None
     prompts: list[RenderedSmoke] = []
     broken: dict[str, StageResult] = {}
     for pin in lock.smoke:
@@ -215,8 +331,7 @@ def verify(
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
     top_k = lock.recording.top_k if lock.recording else 5
-    run = run_engine(lock, model_path, prompts, top_k=top_k, reporter=reporter)
-    check_engine_commit(lock, run.identity)
+    run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
@@ -253,6 +368,24 @@ def verify(
             "stacklock renders the locked template instead"
         )
     return report.model_copy(update={"notes": tuple(notes)})
+
+
+def verify(
+    lock_path: Path,
+    *,
+    tolerance: Tolerance | None = None,
+    reporter: Reporter = NO_REPORTER,
+    offline: bool = False,
+) -> VerifyReport:
+    """Re-run every smoke prompt of the lock file and compare each stage with the goldens."""
+    return verify_lock(
+        read_lock(lock_path),
+        lock_path.parent,
+        tolerance=tolerance,
+        manifest_path=lock_path.with_name(MANIFEST_NAME),
+        reporter=reporter,
+        offline=offline,
+    )
 
 
 def _decoder(decoded: Mapping[int, str]) -> Any:
