@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +30,23 @@ ManifestOption = Annotated[
     Path, typer.Option("--manifest", "-m", help="The manifest; the lock sits beside it.", show_default=True)
 ]
 DEFAULT_MANIFEST = Path("llmstack.toml")
+
+
+@app.callback()
+def _options(
+    allow_outside_paths: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outside-paths",
+            help="Let the manifest name local files outside its directory (never set from the manifest).",
+        ),
+    ] = False,
+) -> None:
+    if allow_outside_paths:
+        from stacklock.sources.local import ALLOW_ENV  # noqa: PLC0415
+
+        # The environment carries the choice to every reader, the engine's child process included.
+        os.environ[ALLOW_ENV] = os.pathsep.join(filter(None, [os.environ.get(ALLOW_ENV), "/"]))
 
 
 def _lock_path(manifest: Path) -> Path:
@@ -316,10 +334,12 @@ def _registries(manifest: Path, offline: bool, extra: list[str] | None = None) -
     from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
 
     sources = list(read_manifest(manifest)[0].registries) if manifest.exists() else []
-    sources += [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
+    given = [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
     lock_path = _lock_path(manifest)
     pins = read_lock(lock_path).registries if lock_path.exists() else ()
-    return resolve_registries(sources, pins=pins, offline=offline, base_dir=manifest.parent)
+    found = resolve_registries(sources, pins=pins, offline=offline, base_dir=manifest.parent)
+    # Registries given on the command line are the user's own choice: not confined to the project.
+    return found + resolve_registries(given, pins=pins, offline=offline, include_bundled=False)
 
 
 def _kind(kind: str | None) -> Any:

@@ -22,6 +22,7 @@ from stacklock.model.manifest import Manifest
 from stacklock.registry.fetch import resolve_registries
 from stacklock.registry.files import LoadedRegistry
 from stacklock.registry.query import find_template
+from stacklock.sources.local import confine, read_text_file
 from stacklock.sources.model import HubSource, fetch_model, parse_model_source
 
 
@@ -148,14 +149,7 @@ def load_template(
             )
         return ResolvedTemplate(text, f"{model_name}: tokenizer.chat_template.{name}", None)
     if kind == "file":
-        path = base / name
-        try:
-            return ResolvedTemplate(path.read_text(encoding="utf-8"), name, None)
-        except FileNotFoundError:
-            raise TemplateError(
-                f"template.source: file not found: {name}", hint="fix the path (relative to llmstack.toml)"
-            ) from None
-        except UnicodeDecodeError as exc:
-            raise TemplateError(f"template.source: {name}: not UTF-8 (byte {exc.start})") from None
+        path = confine(name, base, "template.source")
+        return ResolvedTemplate(read_text_file(path, f"template.source: {name}", TemplateError), name, None)
     entry = find_template(registries, name)
     return ResolvedTemplate(entry.text, f"registry {entry.registry}: templates/{entry.id}", entry.digest)

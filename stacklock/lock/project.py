@@ -10,29 +10,22 @@ from stacklock.files.atomic import write_text_atomic
 from stacklock.model.lock import Lock, parse_lock, render_lock
 from stacklock.model.manifest import Manifest, parse_manifest
 from stacklock.model.toml import parse_toml
+from stacklock.sources.local import read_text_file
 
 
 def read_manifest(path: Path) -> tuple[Manifest, dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(
-            f"{path}: no manifest here", hint="run `stacklock init MODEL.gguf` to write one"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start})", hint="save it as UTF-8") from None
+    text = read_text_file(
+        path,
+        str(path),
+        ManifestError,
+        missing="no manifest here",
+        hint="run `stacklock init MODEL.gguf` to write one",
+    )
     return parse_manifest(text, str(path)), parse_toml(text, str(path), ManifestError)
 
 
 def read_lock(path: Path) -> Lock:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LockError(f"{path}: no lock here", hint="run `stacklock lock`") from None
-    except UnicodeDecodeError as exc:
-        raise LockError(
-            f"{path}: not UTF-8 text (byte {exc.start})", hint="regenerate it with `stacklock lock`"
-        ) from None
+    text = read_text_file(path, str(path), LockError, missing="no lock here", hint="run `stacklock lock`")
     return parse_lock(text, str(path))
 
 

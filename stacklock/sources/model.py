@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from stacklock.errors import NetworkError, SourceError
+from stacklock.sources.local import confine
 
 _HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
 
@@ -76,14 +77,7 @@ def fetch_model(
     ``endpoint`` is the hub to ask for ``hf://`` sources (default: ``$HF_ENDPOINT``, else huggingface.co).
     """
     if isinstance(source, LocalSource):
-        path = Path(source.path)
-        path = path if path.is_absolute() else base_dir / path
-        if not path.is_file():
-            raise SourceError(
-                f"model.source: file not found: {source.path}",
-                hint="fix the path (relative to llmstack.toml) or create the file",
-            )
-        return FetchedModel(path, None)
+        return FetchedModel(confine(source.path, base_dir, "model.source"), None)
     if isinstance(source, HubSource):
         return _fetch_hub(source, offline=offline, endpoint=endpoint)
     raise SourceError(

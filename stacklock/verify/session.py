@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from stacklock.lock.project import read_lock, read_manifest, write_lock
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
+from stacklock.sources.local import confine
 from stacklock.sources.model import fetch_model, parse_model_source
 from stacklock.verify.compare import (
     StageResult,
@@ -54,8 +56,9 @@ def locate(location: str, base: Path) -> Path | None:
     None when it is not there: verify never downloads.
     """
     if not location.startswith("hf://"):
-        path = base / location
-        return path if path.is_file() else None
+        # A hand-edited lock may point anywhere: it is confined like a manifest's source.
+        lexists = "\x00" not in location and os.path.lexists(base / location)
+        return confine(location, base, "model.path in the lock") if lexists else None
     try:
         return fetch_model(parse_model_source(location), base, offline=True).path
     except StacklockError:
