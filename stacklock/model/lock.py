@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import tomlkit
 from pydantic import Field
-from tomlkit.items import AoT, Array
+from tomlkit.items import AoT, Array, Trivia
 
 from stacklock import __version__
 from stacklock.errors import LockError
@@ -271,11 +271,12 @@ def _item(value: Any) -> Any:
     if isinstance(value, str) and "\n" in value:
         return tomlkit.string(value, multiline=True)
     if isinstance(value, list):
+        if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
+            # Built in one call: Array.append re-indexes the whole array, quadratic in a 100,000-token golden.
+            return Array([tomlkit.item(_item(entry)) for entry in value], Trivia(), multiline=True)
         array: Array = tomlkit.array()
         for entry in value:
             array.append(_item(entry))
-        if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
-            array.multiline(True)
         return array
     if isinstance(value, dict):
         inline = tomlkit.inline_table()
