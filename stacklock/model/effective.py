@@ -8,12 +8,19 @@ upgrade that changes a default cannot change a locked stack's behaviour.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from stacklock.model.base import Model, kebab
-from stacklock.model.manifest import BackendKind, BackendSpec, SamplerSpec
+from stacklock.model.manifest import (
+    MAX_CONTEXT_SIZE,
+    MAX_NEW_TOKENS,
+    MAX_STOP_STRINGS,
+    BackendKind,
+    BackendSpec,
+    SamplerSpec,
+)
 
 Origin = Literal["manifest", "gguf", "engine-default"]
 
@@ -69,21 +76,25 @@ GGUF_SAMPLING_KEYS: Mapping[str, str] = {
 class EffectiveSampler(Model):
     """Every sampler value the engine will be given, and where each one came from."""
 
-    temperature: float = Field(description="0 is greedy.")
-    top_k: int = Field(description="Top-k cut-off (0: off).")
-    top_p: float = Field(description="Nucleus cut-off (1: off).")
-    min_p: float = Field(description="Min-p cut-off (0: off).")
-    typical_p: float = Field(description="Locally typical sampling (1: off).")
-    repeat_penalty: float = Field(description="Repetition penalty (1: off).")
-    repeat_last_n: int = Field(description="Tokens the penalty looks back over.")
+    temperature: float = Field(ge=0, description="0 is greedy.")
+    top_k: int = Field(ge=0, description="Top-k cut-off (0: off).")
+    top_p: float = Field(ge=0, le=1, description="Nucleus cut-off (1: off).")
+    min_p: float = Field(ge=0, le=1, description="Min-p cut-off (0: off).")
+    typical_p: float = Field(ge=0, le=1, description="Locally typical sampling (1: off).")
+    repeat_penalty: float = Field(ge=0, description="Repetition penalty (1: off).")
+    repeat_last_n: int = Field(ge=-1, description="Tokens the penalty looks back over.")
     frequency_penalty: float = Field(description="Frequency penalty (0: off).")
     presence_penalty: float = Field(description="Presence penalty (0: off).")
-    mirostat: int = Field(description="Mirostat mode (0: off).")
-    mirostat_tau: float = Field(description="Mirostat target entropy.")
-    mirostat_eta: float = Field(description="Mirostat learning rate.")
-    seed: int = Field(description="Sampling seed (4294967295 is llama.cpp's 'random').")
-    max_tokens: int = Field(description="Default maximum new tokens per smoke prompt.")
-    stop: tuple[str, ...] = Field(description="Stop strings; the output is cut before them.")
+    mirostat: Literal[0, 1, 2] = Field(description="Mirostat mode (0: off).")
+    mirostat_tau: float = Field(ge=0, description="Mirostat target entropy.")
+    mirostat_eta: float = Field(ge=0, description="Mirostat learning rate.")
+    seed: int = Field(ge=0, le=2**32 - 1, description="Sampling seed (4294967295 is llama.cpp's 'random').")
+    max_tokens: int = Field(
+        ge=1, le=MAX_NEW_TOKENS, description="Default maximum new tokens per smoke prompt."
+    )
+    stop: tuple[str, ...] = Field(
+        max_length=MAX_STOP_STRINGS, description="Stop strings; the output is cut before them."
+    )
     origin: dict[str, Origin] = Field(
         description="Where each value came from: manifest, gguf or engine-default."
     )
@@ -93,13 +104,15 @@ class EffectiveBackend(Model):
     """Every load option the engine will be given."""
 
     kind: BackendKind = Field(description="Where the model runs.")
-    gpu_layers: int = Field(description="Layers offloaded to the GPU (-1: all).")
+    gpu_layers: int = Field(ge=-1, description="Layers offloaded to the GPU (-1: all).")
     flash_attention: Literal["on", "off", "auto"] = Field(description="Flash attention.")
     cache_type_k: str = Field(description="KV-cache type for K.")
     cache_type_v: str = Field(description="KV-cache type for V.")
-    threads: int | Literal["auto"] = Field(description="CPU threads ('auto': the engine picks per machine).")
-    batch_size: int = Field(description="Prompt-processing batch size.")
-    context_size: int = Field(description="Context window in tokens.")
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        description="CPU threads ('auto': the engine picks per machine)."
+    )
+    batch_size: int = Field(ge=1, description="Prompt-processing batch size.")
+    context_size: int = Field(ge=1, le=MAX_CONTEXT_SIZE, description="Context window in tokens.")
 
 
 def effective_sampler(engine: str, gguf_metadata: Mapping[str, Any], spec: SamplerSpec) -> EffectiveSampler:

@@ -152,6 +152,9 @@ def read_bytes_file(
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
+        # A socket cannot even be opened (ENXIO): say what it is before trying.
+        if stat.S_ISSOCK(mode := path.stat().st_mode):
+            raise error(f"{where}: is {_kind(mode)}, not a regular file", hint="give a regular file")
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise error(f"{where}: {missing}", hint=hint) from None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -50,6 +52,7 @@ def parse_model_source(text: str, where: str = "model.source") -> ModelSource:
                 f"{where}: '{text}' is not a hub source",
                 hint="write hf://owner/repo@revision/path/to/file.gguf",
             )
+        _check_hub_names(text, where, match["repo"], match["path"])
         return HubSource(match["repo"], match["rev"] or "main", match["path"])
     if text.startswith("registry://"):
         return RegistryModelSource(text.removeprefix("registry://"))
@@ -59,6 +62,20 @@ def parse_model_source(text: str, where: str = "model.source") -> ModelSource:
             hint="use a local path, hf://owner/repo@revision/file.gguf or registry://name",
         )
     return LocalSource(text.removeprefix("file:"))
+
+
+def _check_hub_names(text: str, where: str, repo: str, path: str) -> None:
+    # The hub's own rules for repository ids, checked here so that its client's ValueError never escapes.
+    if "--" in repo or ".." in repo or repo.endswith((".", "-")):
+        raise SourceError(
+            f"{where}: '{text}': the repository id '{repo}' may not contain '--' or '..', nor end in '.' or '-'",
+            hint="write hf://owner/repo@revision/path/to/file.gguf",
+        )
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise SourceError(
+            f"{where}: '{text}': the path in the repository may not contain '.', '..' or empty segments",
+            hint="name the file by its path from the repository's root",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,21 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _reachable(endpoint: str) -> bool:
+    """Whether the hub answers at all (any HTTP status counts), within :data:`HUB_PROBE_TIMEOUT_S`."""
+    request = urllib.request.Request(endpoint, method="HEAD")  # noqa: S310 - the user's own hub endpoint.
+    try:
+        with urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S):  # noqa: S310
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _hub_cache_dir() -> str | None:
     # huggingface_hub reads these once, when it is first imported; reading them here, per call, lets a
     # long-lived process (or a test) point stacklock at another cache without re-importing the client.
@@ -113,6 +145,10 @@ def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> Fet
     )
 
     where = f"model.source: hf://{source.repo}@{source.revision}/{source.path}"
+    hub = endpoint or os.environ.get("HF_ENDPOINT") or None
+    # huggingface_hub retries a refused connection for about 23 s; one quick probe makes "no network" a
+    # cache lookup instead, answered in seconds.
+    offline = offline or _env_true("HF_HUB_OFFLINE") or not _reachable(hub or "https://huggingface.co")
     try:
         local = hf_hub_download(
             repo_id=source.repo,
@@ -120,8 +156,8 @@ def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> Fet
             revision=source.revision,
             cache_dir=_hub_cache_dir(),
             # The client reads HF_ENDPOINT and HF_HUB_OFFLINE at import; these are read per call.
-            endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,
-            local_files_only=offline or _env_true("HF_HUB_OFFLINE"),
+            endpoint=hub,
+            local_files_only=offline,
         )
     except RepositoryNotFoundError:
         raise SourceError(
@@ -138,6 +174,8 @@ def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> Fet
             f"{where}: not in the local hub cache and the hub is not reachable",
             hint="go online once to download it, or set HF_ENDPOINT",
         ) from None
+    except ValueError as exc:  # HFValidationError: a name the parser let through but the hub refuses.
+        raise SourceError(f"{where}: {str(exc).splitlines()[0]}", hint="fix the hf:// source") from None
     except (HfHubHTTPError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise NetworkError(
