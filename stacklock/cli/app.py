@@ -121,12 +121,8 @@ def lock(
     ] = False,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
-    from stacklock.errors import LockError  # noqa: PLC0415
-    from stacklock.files.digest import TerminalProgress  # noqa: PLC0415
-    from stacklock.lock.api import lock_stack, merge_goldens  # noqa: PLC0415
     from stacklock.lock.fresh import check_lock  # noqa: PLC0415
-    from stacklock.lock.project import read_lock, write_lock  # noqa: PLC0415
-    from stacklock.model.findings import Allowance  # noqa: PLC0415
+    from stacklock.lock.project import project_lock  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
     if check:
@@ -139,6 +135,19 @@ def lock(
         raise UsageError(
             "--allow needs --reason TEXT", hint="say why the finding is acceptable; it goes in the lock"
         )
+    with project_lock(lock_path):
+        _lock_once(manifest, lock_path, allow or [], reason, no_cache=no_cache, offline=offline)
+
+
+def _lock_once(
+    manifest: Path, lock_path: Path, allow: list[str], reason: str | None, *, no_cache: bool, offline: bool
+) -> None:
+    from stacklock.errors import LockError  # noqa: PLC0415
+    from stacklock.files.digest import TerminalProgress  # noqa: PLC0415
+    from stacklock.lock.api import lock_stack, merge_goldens  # noqa: PLC0415
+    from stacklock.lock.project import read_lock, write_lock  # noqa: PLC0415
+    from stacklock.model.findings import Allowance  # noqa: PLC0415
+
     previous = None
     if lock_path.exists():
         try:

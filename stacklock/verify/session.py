@@ -20,7 +20,7 @@ from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
 from stacklock.gguf.reader import read_gguf
 from stacklock.lock.load import load_template
-from stacklock.lock.project import read_lock, read_manifest, write_lock
+from stacklock.lock.project import project_lock, read_lock, read_manifest, write_lock
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
@@ -88,7 +88,12 @@ def _job(lock: Lock, pin: SmokePin) -> Job:
 
 
 def record(lock_path: Path, *, top_k: int = 5) -> Lock:
-    """Run every smoke prompt and store its golden in the lock (written atomically)."""
+    """Run every smoke prompt and store its golden in the lock (written atomically, one run at a time)."""
+    with project_lock(lock_path):
+        return _record(lock_path, top_k=top_k)
+
+
+def _record(lock_path: Path, *, top_k: int) -> Lock:
     lock = read_lock(lock_path)
     base = lock_path.parent
     check_engine(lock)
