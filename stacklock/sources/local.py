@@ -70,7 +70,7 @@ def _check_text(text: str, where: str) -> None:
 
 
 def confine(text: str, base_dir: Path, where: str) -> Path:
-    """The resolved path of a local source: a regular file inside the project or an allowed directory.
+    """The path of a local source that resolves to a regular file inside the project or an allowed directory.
 
     ``where`` is the manifest key (``model.source``) that every refusal names.
     """
@@ -106,7 +106,8 @@ def confine(text: str, base_dir: Path, where: str) -> Path:
         raise SourceError(f"{where}: {text}: cannot read it ({exc.strerror})") from None
     if not stat.S_ISREG(mode):
         raise SourceError(f"{where}: {text} is {_kind(mode)}, not a regular file", hint="name a file")
-    return resolved
+    # The path as written (not resolved): a lock pins 'models/x.gguf' even when an allowed symlink leads on.
+    return given if given.is_absolute() else base_dir / given
 
 
 def confine_dir(text: str, base_dir: Path, where: str) -> Path:
