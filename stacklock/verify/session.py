@@ -27,6 +27,7 @@ from stacklock.registry.fetch import resolve_registries
 from stacklock.sources.local import confine
 from stacklock.sources.model import fetch_model, parse_model_source
 from stacklock.verify.compare import (
+    STAGES,
     StageResult,
     Tolerance,
     VerifyReport,
@@ -150,6 +151,11 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
         )
     check_engine(lock)
     artifacts = _artifacts(lock, base, HashCache())
+    if artifacts.status != "pass":
+        # A truncated or replaced model is an artifacts failure (exit 1), not an engine that cannot load it.
+        reason = "the locked files differ"
+        stages = [artifacts, *(skipped(stage, reason) for stage in STAGES[1:])]
+        return build_report([smoke_result(pin.name, stages) for pin in lock.smoke], tolerance=tolerance)
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
     text = lock.template.text
