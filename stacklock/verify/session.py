@@ -151,8 +151,10 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
         )
     check_engine(lock)
     artifacts = _artifacts(lock, base, HashCache())
-    if artifacts.status != "pass":
-        # A truncated or replaced model is an artifacts failure (exit 1), not an engine that cannot load it.
+    present = all(path is not None for path in model_files(lock, base).values())
+    if artifacts.status != "pass" and present:
+        # A truncated or replaced model is an artifacts failure (exit 1), not an engine that cannot load it;
+        # a missing one still stops below, as an engine that cannot run (exit 3).
         reason = "the locked files differ"
         stages = [artifacts, *(skipped(stage, reason) for stage in STAGES[1:])]
         return build_report([smoke_result(pin.name, stages) for pin in lock.smoke], tolerance=tolerance)
