@@ -296,6 +296,7 @@ class GGUFFile:
     alignment: int
     metadata: Mapping[str, Any]
     tensors: tuple[TensorInfo, ...]
+    data_offset: int = 0  # Where the first part's tensor data region starts: everything before is header.
 
     @property
     def architecture(self) -> str | None:
@@ -508,6 +509,7 @@ class _Part:
     alignment: int
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
+    data_offset: int
 
 
 _INCOMPLETE = "the file is incomplete, download it again"
@@ -521,6 +523,7 @@ class _Parser:
         self.display = display
         self.pos = 0
         self.order = "<"
+        self.data_start = 0
 
     # ---- errors
 
@@ -785,6 +788,7 @@ class _Parser:
                 (name, shape, ggml_type, type_name, offset, n_elements, n_elements // block * type_size)
             )
         data_start = -(-self.pos // alignment) * alignment
+        self.data_start = data_start
         tensors = []
         for name, shape, ggml_type, type_name, offset, n_elements, n_bytes in raw:
             if data_start + offset + n_bytes > self.size:
@@ -845,7 +849,9 @@ def _read_part(path: Path, display: str, part: int) -> _Part:
         # ValueError: a NUL byte in the path, or mmap of a file that shrank to nothing meanwhile.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise GGUFError(f"{display}: cannot read the file ({reason})", hint="check the path") from None
-    return _Part(version, order, alignment, _finish_metadata(metadata, header, order), tensors)
+    return _Part(
+        version, order, alignment, _finish_metadata(metadata, header, order), tensors, parser.data_start
+    )
 
 
 def _split_parts(path: Path, display: str) -> tuple[tuple[Path, ...], tuple[str, ...]]:
@@ -923,4 +929,5 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         alignment=first.alignment,
         metadata=MappingProxyType(first.metadata),
         tensors=tuple(tensors),
+        data_offset=first.data_offset,
     )

@@ -21,8 +21,11 @@ FORMATS = ("text", "json", "junit")
 _MARKS = {"pass": "ok", "fail": "FAIL", "skip": "skip", "tolerated": "tolerated"}
 
 
-def _stage_line(stage: StageResult) -> str:
-    return f"    {stage.stage:<13}{_MARKS[stage.status]:<10}{stage.detail}"
+def _stage_line(stage: StageResult, *, with_diff: bool = True) -> str:
+    line = f"    {stage.stage:<13}{_MARKS[stage.status]:<10}{stage.detail}"
+    if stage.diff and with_diff:
+        line += "\n" + "\n".join(f"        {diff_line}" for diff_line in stage.diff.splitlines())
+    return line
 
 
 def _verdict(report: VerifyReport) -> str:
@@ -42,7 +45,7 @@ def _verdict(report: VerifyReport) -> str:
     return f"reproduced: {total} smoke prompt(s), every stage identical to the recording"
 
 
-def _result_lines(result: SmokeResult) -> list[str]:
+def _result_lines(result: SmokeResult, *, with_diff: bool = True) -> list[str]:
     if result.first_failure is not None:
         head = f"{result.name}: FAILED at {result.first_failure}"
     elif not is_certified(result):
@@ -51,7 +54,7 @@ def _result_lines(result: SmokeResult) -> list[str]:
         head = f"{result.name}: reproduced within the tolerance"
     else:
         head = f"{result.name}: reproduced"
-    lines = [head, *(_stage_line(stage) for stage in result.stages)]
+    lines = [head, *(_stage_line(stage, with_diff=with_diff) for stage in result.stages)]
     if result.first_failure is None and not is_certified(result):
         lines.append(f"    → {result.explanation}")
     if result.first_failure is not None:
@@ -74,7 +77,8 @@ def render_text(report: VerifyReport) -> str:
     if lines:
         lines.append("")
     for result in report.results:
-        lines.extend(_result_lines(result))
+        # A changed model file is the same for every smoke prompt: its template diff is shown once.
+        lines.extend(_result_lines(result, with_diff=result is report.results[0]))
         lines.append("")
     lines.append(_verdict(report))
     return "\n".join(lines) + "\n"

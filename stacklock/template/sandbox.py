@@ -58,7 +58,10 @@ the text does not parse):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
+import functools
 import json
 import math
 import re
@@ -82,8 +85,7 @@ from stacklock.errors import TemplateError
 from stacklock.template.worker import run_bounded
 
 if TYPE_CHECKING:
-    import datetime as dt
-    from types import TracebackType
+    from types import CodeType, TracebackType
 
     from jinja2.parser import Parser
 
@@ -119,6 +121,7 @@ FEATURES: tuple[str, ...] = (
 """Every name :func:`template_features` can report, sorted."""
 
 _TEMPLATE_FILENAME = "<template>"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _RAW_TEMPLATE_DEFAULT_ORIGIN = "chat template"
 _RESERVED_CONTEXT = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -581,6 +584,10 @@ def render_chat_template(
     other rendering error. The render runs in a forked worker (:mod:`stacklock.template.worker`) that is killed
     at a hard deadline and has a memory cap, so even a single runaway filter call stops.
     """
+    # Compiled here first, so that every forked render finds the code in the cache it inherits; a template that
+    # does not compile fails again, identically, in the worker.
+    with contextlib.suppress(jinja2.TemplateSyntaxError, *_COMPILER_ERRORS):
+        _compile(template)
     return run_bounded(
         lambda: _render_in_process(
             template,
@@ -630,11 +637,12 @@ def _render_in_process(
     state = _State(limits)
     env = _make_environment(state, now)
     try:
-        compiled = env.from_string(template)
+        code = _compile(template)
     except jinja2.TemplateSyntaxError as error:
         raise _syntax_error(error, origin) from None
     except _COMPILER_ERRORS as error:
         raise _compiler_error(error, origin) from None
+    compiled = env.template_class.from_code(env, code, env.make_globals(None), None)
     context = _context(messages, add_generation_prompt, bos_token, eos_token, tools, documents, extra_context)
     state.deadline = time.monotonic() + limits.max_seconds
     chunks: list[str] = []
@@ -649,6 +657,16 @@ def _render_in_process(
     except Exception as error:  # noqa: BLE001 - Every template failure becomes one TemplateError.
         raise _translate(error, label, limits) from None
     return "".join(chunks)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(template: str) -> CodeType:
+    """The template compiled once per text: compiling costs far more than rendering, and the probes and smoke
+    prompts render one template many times. The code does not depend on the limits or the clock, which the
+    environment of each render carries."""
+    env = _make_environment(_State(RenderLimits()), _EPOCH)
+    code: CodeType = env.compile(template)
+    return code
 
 
 def _output_exceeded() -> None:
