@@ -58,7 +58,6 @@ the text does not parse):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -82,7 +81,7 @@ import jinja2.utils
 from jinja2 import nodes
 from jinja2.visitor import NodeTransformer
 
-from stacklock.errors import TemplateError
+from stacklock.errors import RenderLimitError, TemplateError
 from stacklock.template.worker import run_bounded
 
 if TYPE_CHECKING:
@@ -585,10 +584,9 @@ def render_chat_template(
     other rendering error. The render runs in a forked worker (:mod:`stacklock.template.worker`) that is killed
     at a hard deadline and has a memory cap, so even a single runaway filter call stops.
     """
-    # Compiled here first, so that every forked render finds the code in the cache it inherits; a template that
-    # does not compile fails again, identically, in the worker.
-    with contextlib.suppress(jinja2.TemplateSyntaxError, *_COMPILER_ERRORS):
-        _compile(template)
+    # Compiled here first, so that every forked render finds the code in the cache it inherits, and a template
+    # that does not compile fails here, once, without a worker.
+    _compile(template, origin)
     return run_bounded(
         lambda: _render_in_process(
             template,
@@ -637,12 +635,7 @@ def _render_in_process(
         )
     state = _State(limits)
     env = _make_environment(state, now)
-    try:
-        code = _compile(template)
-    except jinja2.TemplateSyntaxError as error:
-        raise _syntax_error(error, origin) from None
-    except _COMPILER_ERRORS as error:
-        raise _compiler_error(error, origin) from None
+    code = _compile(template, origin)
     compiled = env.template_class.from_code(env, code, env.make_globals(None), None)
     context = _context(messages, add_generation_prompt, bos_token, eos_token, tools, documents, extra_context)
     state.deadline = time.monotonic() + limits.max_seconds
@@ -689,13 +682,26 @@ def _is_our_bug(error: Exception) -> bool:
     return traceback is not None and traceback.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
 
 
+def _compile(template: str, origin: str) -> CodeType:
+    """The template's code, or its compile error as a one-line TemplateError naming ``origin``."""
+    outcome = _compile_outcome(template)
+    if isinstance(outcome, jinja2.TemplateSyntaxError):
+        raise _syntax_error(outcome, origin) from None
+    if isinstance(outcome, BaseException):
+        raise _compiler_error(outcome, origin) from None
+    return outcome
+
+
 @functools.lru_cache(maxsize=32)
-def _compile(template: str) -> CodeType:
-    """The template compiled once per text: compiling costs far more than rendering, and the probes and smoke
-    prompts render one template many times. The code does not depend on the limits or the clock, which the
-    environment of each render carries."""
+def _compile_outcome(template: str) -> CodeType | BaseException:
+    """The template compiled once per text, failures included: compiling costs far more than rendering (a
+    pathological template can take seconds to fail), and the probes and smoke prompts render one template many
+    times. The code does not depend on the limits or the clock, which the environment of each render carries."""
     env = _make_environment(_State(RenderLimits()), _EPOCH)
-    code: CodeType = env.compile(template)
+    try:
+        code: CodeType = env.compile(template)
+    except (jinja2.TemplateSyntaxError, *_COMPILER_ERRORS) as error:
+        return error
     return code
 
 
@@ -780,12 +786,12 @@ def _translate(error: Exception, label: str, limits: RenderLimits) -> TemplateEr
     where = f"{label} line {line}" if line is not None else label
     if isinstance(error, _Limit):
         if error.kind == "time":
-            return TemplateError(
+            return RenderLimitError(
                 f"{label}: rendering exceeded {limits.max_seconds} s",
                 hint="the template loops too long; check its loops or raise RenderLimits.max_seconds",
             )
         if error.kind == "output":
-            return TemplateError(
+            return RenderLimitError(
                 f"{label}: output exceeded {limits.max_output_chars} characters",
                 hint="the template writes runaway output; check its loops or raise RenderLimits.max_output_chars",
             )

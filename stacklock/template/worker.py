@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
-from stacklock.errors import TemplateError
+from stacklock.errors import RenderLimitError, TemplateError
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ def _child(func: Callable[[], T], write_fd: int, memory: int) -> None:
         try:
             outcome: tuple[str, object] = ("ok", func())
         except TemplateError as exc:
-            outcome = ("error", (exc.message, exc.hint))
+            outcome = ("error", (exc.message, exc.hint, isinstance(exc, RenderLimitError)))
         except MemoryError:
             outcome = ("memory", None)
         except BaseException as exc:  # noqa: BLE001 - A bug: reported to the parent, which raises it.
@@ -91,7 +91,7 @@ def run_bounded(func: Callable[[], T], *, seconds: float, label: str, memory: in
                 break
             size += len(chunk)
             if size > _MAX_RESULT_BYTES:
-                raise TemplateError(
+                raise RenderLimitError(
                     f"{label}: the render's result is larger than {_MAX_RESULT_BYTES >> 20} MiB"
                 )
             chunks.append(chunk)
@@ -101,13 +101,13 @@ def run_bounded(func: Callable[[], T], *, seconds: float, label: str, memory: in
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     if timed_out:
-        raise TemplateError(
+        raise RenderLimitError(
             f"{label}: rendering exceeded {seconds:g} s",
             hint="the template loops or computes too long; check its loops and filters",
         )
     if not chunks:
         # Killed by the memory cap (or a crash) before it could report.
-        raise TemplateError(
+        raise RenderLimitError(
             f"{label}: rendering died (status {status}), most likely over the memory cap of {memory >> 20} MiB",
             hint="the template builds a runaway value; check its loops and filters",
         )
@@ -115,10 +115,10 @@ def run_bounded(func: Callable[[], T], *, seconds: float, label: str, memory: in
     if kind == "ok":
         return value  # type: ignore[no-any-return]
     if kind == "error":
-        message, hint = value
-        raise TemplateError(message, hint=hint)
+        message, hint, limit = value
+        raise (RenderLimitError if limit else TemplateError)(message, hint=hint)
     if kind == "memory":
-        raise TemplateError(
+        raise RenderLimitError(
             f"{label}: rendering ran out of its memory cap of {memory >> 20} MiB",
             hint="the template builds a runaway value; check its loops and filters",
         )
