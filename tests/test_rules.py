@@ -280,6 +280,15 @@ def test_allowances_split_errors_and_stale_allowances_must_be_removed() -> None:
     assert triage(findings, [Allowance(rule="e1", reason="a"), Allowance(rule="e2", reason="b")]).ok
 
 
-def test_evaluating_the_same_facts_twice_gives_identical_findings() -> None:
+def test_evaluate_turns_a_matching_rule_into_its_finding() -> None:
     r = rule('fact = "engine.name"\npresent = true')
-    assert evaluate([r], {"engine.name": "x"}) == evaluate([r], {"engine.name": "x"})
+    (finding,) = evaluate([r], {"engine.name": "x"})
+    assert (finding.rule, finding.severity, finding.title, finding.registry) == (
+        "x",
+        Severity.ERROR,
+        "t",
+        "bundled",
+    )
+    assert (finding.explanation, finding.fix) == ("e", "f")
+    assert finding.references == ("ggml-org/llama.cpp#8197",)
+    assert evaluate([r], {"model.architecture": "llama"}) == ()

@@ -13,7 +13,7 @@ from typing import Any
 
 from stacklock import errors
 from stacklock.engines.machine import current_environment, installed_engine_version
-from stacklock.engines.runner import Job, run_engine
+from stacklock.engines.runner import EngineRun, EngineSession, Job, Progress, run_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
@@ -24,6 +24,7 @@ from stacklock.lock.project import read_lock, read_manifest, write_lock
 from stacklock.lock.resolve import pin_model
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import FilePin, Lock, SmokePin
+from stacklock.model.manifest import MANIFEST_NAME
 from stacklock.registry.fetch import resolve_registries
 from stacklock.sources.model import fetch_model, parse_model_source
 from stacklock.verify.compare import (
@@ -83,30 +84,85 @@ def _require_model(lock: Lock, base: Path) -> Path:
 def _job(lock: Lock, pin: SmokePin) -> Job:
     # The BOS decision is re-derived from the lock's tokenizer flags, so an edited flag shows at tokenization.
     rendered = render_smoke(pin, lock.template, lock.tokenizer)
-    return Job(pin.name, rendered, pin.max_tokens, effective_add_bos(pin, rendered, lock.tokenizer))
+    # A report may name the golden's tokens, BOS and EOS; a hand-edited golden may name a token the
+    # vocabulary lacks, which llama.cpp aborts on, so only ids inside the vocabulary are decoded.
+    wanted = {t for t in (lock.tokenizer.bos_id, lock.tokenizer.eos_id) if t is not None}
+    if pin.golden is not None:
+        wanted |= {*(pin.golden.prompt_tokens or ()), *pin.golden.tokens}
+        wanted |= {t for step in pin.golden.top_logprobs for t, _ in step}
+    return Job(
+        name=pin.name,
+        rendered=rendered,
+        max_tokens=pin.max_tokens,
+        add_bos=effective_add_bos(pin, rendered, lock.tokenizer),
+        sampler=lock.sampler,
+        decode=tuple(sorted(t for t in wanted if 0 <= t < lock.tokenizer.vocab_size)),
+    )
 
 
-def record(lock_path: Path, *, top_k: int = 5) -> Lock:
-    """Run every smoke prompt and store its golden in the lock (written atomically)."""
-    lock = read_lock(lock_path)
-    base = lock_path.parent
+def _observe(
+    lock: Lock,
+    model_path: Path,
+    jobs: Sequence[Job],
+    *,
+    top_k: int,
+    session: EngineSession | None,
+    progress: Progress | None,
+) -> EngineRun:
+    """Run the jobs on the caller's engine session, or on one started (and ended) for them."""
+    if session is None:
+        return run_engine(lock.engine.name, model_path, lock.backend, jobs, top_k=top_k, progress=progress)
+    # Jobs of several locks share a session only when it runs exactly what each lock pins.
+    if session.engine != lock.engine.name:
+        mismatch = f"runs {session.engine}, but the lock names {lock.engine.name}"
+    elif session.model_path.resolve() != model_path.resolve():
+        mismatch = f"holds {session.model_path}, but the lock's model is {model_path}"
+    elif session.backend != lock.backend:
+        mismatch = "was started with another backend than the lock's"
+    else:
+        return session.observe(jobs, top_k=top_k)
+    raise errors.UsageError(
+        f"the engine session {mismatch}", hint="start one session per engine, model and backend"
+    )
+
+
+def record_lock(
+    lock: Lock,
+    base: Path,
+    *,
+    top_k: int = 5,
+    session: EngineSession | None = None,
+    progress: Progress | None = None,
+) -> Lock:
+    """Run every smoke prompt of ``lock`` and return it with the goldens stored; nothing is written.
+
+    ``base`` is the directory relative model paths are read from. ``session`` is an engine session already
+    holding the locked model on the locked backend (a matrix or a bisection shares one); without it one is
+    started for this call. ``progress`` is told what the engine is doing.
+    """
     check_engine(lock)
     if not lock.smoke:
         raise errors.LockError(
-            f"{lock_path}: no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
+            f"stack '{lock.stack.name}': no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
     artifacts = _artifacts(lock, base, HashCache())
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
-    run = run_engine(lock, _require_model(lock, base), [_job(lock, p) for p in lock.smoke], top_k=top_k)
+    jobs = [_job(lock, p) for p in lock.smoke]
+    run = _observe(lock, _require_model(lock, base), jobs, top_k=top_k, session=session, progress=progress)
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
         for pin in lock.smoke
     )
     environment = current_environment().model_dump(mode="json", by_alias=True)
-    recorded = lock.model_copy(
+    return lock.model_copy(
         update={"smoke": smoke, "recording": recording_from(run.identity, environment, top_k)}
     )
+
+
+def record(lock_path: Path, *, top_k: int = 5, progress: Progress | None = None) -> Lock:
+    """Run every smoke prompt of the lock file and store the goldens in it (written atomically)."""
+    recorded = record_lock(read_lock(lock_path), lock_path.parent, top_k=top_k, progress=progress)
     write_lock(lock_path, recorded)
     return recorded
 
@@ -165,13 +221,24 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
         return None
 
 
-def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyReport:
-    """Re-run every smoke prompt and compare each stage with the goldens."""
-    lock = read_lock(lock_path)
-    base = lock_path.parent
+def verify_lock(
+    lock: Lock,
+    base: Path,
+    *,
+    tolerance: Tolerance | None = None,
+    manifest_path: Path | None = None,
+    session: EngineSession | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Re-run every smoke prompt of ``lock`` and compare each stage with its goldens.
+
+    ``base``, ``session`` and ``progress`` are as for :func:`record_lock`. ``manifest_path`` names the manifest
+    whose template source is re-read when the locked template text was edited (to show the first changed
+    character); without it that explanation is left out.
+    """
     if not lock.smoke:
         raise errors.LockError(
-            f"{lock_path}: no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
+            f"stack '{lock.stack.name}': no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
     check_engine(lock)
     artifacts = _artifacts(lock, base, HashCache())
@@ -181,7 +248,7 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
     edited = (
         text is not None and lock.template.sha256 is not None and sha256_text(text) != lock.template.sha256
     )
-    reference = _reference_template(lock_path.with_name("llmstack.toml"), lock) if edited else None
+    reference = _reference_template(manifest_path, lock) if edited and manifest_path is not None else None
     jobs: list[Job] = []
     broken: dict[str, StageResult] = {}
     for pin in lock.smoke:
@@ -190,7 +257,8 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
             jobs.append(_job(lock, pin))
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
-    run = run_engine(lock, model_path, jobs, top_k=lock.recording.top_k if lock.recording else 5)
+    top_k = lock.recording.top_k if lock.recording else 5
+    run = _observe(lock, model_path, jobs, top_k=top_k, session=session, progress=progress)
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
@@ -227,6 +295,19 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
             "stacklock renders the locked template instead"
         )
     return report.model_copy(update={"notes": tuple(notes)})
+
+
+def verify(
+    lock_path: Path, *, tolerance: Tolerance | None = None, progress: Progress | None = None
+) -> VerifyReport:
+    """Re-run every smoke prompt of the lock file and compare each stage with the goldens."""
+    return verify_lock(
+        read_lock(lock_path),
+        lock_path.parent,
+        tolerance=tolerance,
+        manifest_path=lock_path.with_name(MANIFEST_NAME),
+        progress=progress,
+    )
 
 
 def _decoder(decoded: Mapping[int, str]) -> Any:
