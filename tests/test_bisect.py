@@ -7,8 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from stacklock.explore.bisect import differing_links, run_bisect
 from stacklock.lock.api import lock_stack
 from stacklock.lock.project import write_lock
@@ -165,4 +163,3 @@ def test_the_cli_names_the_culprit(tmp_path: Path, cli: Callable[..., Result]) -
     result = cli("bisect", "good/llmstack.lock", "good/llmstack.lock", cwd=tmp_path)
     assert result.code == 0
     assert "the locks pin the same links" in result.out
-    _ = pytest

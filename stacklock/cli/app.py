@@ -302,6 +302,11 @@ def diff(
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 
+from stacklock.cli.bisect import bisect as _bisect  # noqa: E402 - registered beside the other commands.
+
+app.command(name="bisect")(_bisect)
+
+
 registry_app = typer.Typer(
     help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True
 )

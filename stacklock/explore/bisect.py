@@ -20,7 +20,14 @@ from pydantic import Field
 
 from stacklock.engines.machine import installed_engine_version
 from stacklock.engines.runner import Progress
-from stacklock.explore.outcome import PromptOutcome, SessionPool, absolute, observe_lock, render_lock_prompts
+from stacklock.explore.outcome import (
+    PromptOutcome,
+    SessionPool,
+    absolute,
+    check_model,
+    observe_lock,
+    render_lock_prompts,
+)
 from stacklock.lock.diff import diff_locks
 from stacklock.lock.project import read_lock
 from stacklock.model.base import Model
@@ -111,7 +118,9 @@ def differing_links(good: Lock, bad: Lock) -> tuple[Link, ...]:
     """The links that differ, in chain order; backend options and sampler values one by one."""
     links: list[Link] = []
     # The same file in two directories is the same model link.
-    same = good.model.model_dump(exclude={"path", "source"}) == bad.model.model_dump(exclude={"path", "source"})
+    same = good.model.model_dump(exclude={"path", "source"}) == bad.model.model_dump(
+        exclude={"path", "source"}
+    )
     model = bad.model.model_copy(update={"path": good.model.path, "source": good.model.source})
     other = bad.model_copy(update={"model": model}) if same else bad
     diff = diff_locks(good.without_goldens(), other.without_goldens())
@@ -224,8 +233,8 @@ def compare_outcomes(good: Sequence[Any], other: Sequence[Any]) -> Difference | 
                 prompt=name,
                 stage="generation",
                 position=index,
-                good=_token_at(x.tokens, index),
-                other=_token_at(y.tokens, index),
+                good=_token_at(x.tokens, index, mine.pieces),
+                other=_token_at(y.tokens, index, theirs.pieces),
                 good_text=x.text,
                 other_text=y.text,
             )
@@ -248,10 +257,11 @@ def _around(text: str, index: int | None) -> str:
     return text[start : start + 40]
 
 
-def _token_at(tokens: Sequence[int], index: int | None) -> str:
+def _token_at(tokens: Sequence[int], index: int | None, pieces: Sequence[str] = ()) -> str:
     if index is None or index >= len(tokens):
         return "(end)"
-    return f"token {tokens[index]}"
+    piece = f" {pieces[index]!r}" if index < len(pieces) else ""
+    return f"token {tokens[index]}{piece}"
 
 
 # The search -------------------------------------------------------------------------------------------------
@@ -324,6 +334,8 @@ def run_bisect(
     bad = absolute(read_lock(bad_path), bad_path.parent)
     links = mark_unswappable(differing_links(good, bad), bad)
     root = Path("/")
+    check_model(good, root)
+    check_model(bad, root)
     with SessionPool(progress) as pool:
         reference: list[tuple[PromptOutcome, ...]] = []
 

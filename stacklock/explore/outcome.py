@@ -15,15 +15,26 @@ from typing import Self
 
 from pydantic import Field
 
+from stacklock import errors
+from stacklock.engines.base import Observation
 from stacklock.engines.runner import EngineSession, Progress
 from stacklock.errors import StacklockError
+from stacklock.files.digest import HashCache
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.base import Model
 from stacklock.model.lock import Lock, SmokeGolden
-from stacklock.verify.compare import expectation_failure
-from stacklock.verify.session import check_engine, record_lock
+from stacklock.verify.compare import expectation_failure, golden_from_observation
+from stacklock.verify.session import check_engine, job_for
 
-__all__ = ["PromptOutcome", "Render", "SessionPool", "absolute", "observe_lock", "render_lock_prompts"]
+__all__ = [
+    "PromptOutcome",
+    "Render",
+    "SessionPool",
+    "absolute",
+    "check_model",
+    "observe_lock",
+    "render_lock_prompts",
+]
 
 
 class Render(Model):
@@ -40,6 +51,8 @@ class PromptOutcome(Model):
 
     render: Render = Field(description="The prompt as rendered for the engine.")
     golden: SmokeGolden | None = Field(default=None, description="What the engine produced (null: not run).")
+    pieces: tuple[str, ...] = Field(default=(), description="Each generated token as text.")
+    expects: bool = Field(default=False, description="Whether the prompt has an expectation.")
     expectation_failure: str | None = Field(
         default=None,
         description="Why the output fails the prompt's expectation (null: it passes or has none).",
@@ -105,24 +118,46 @@ class SessionPool:
         self.close()
 
 
-def observe_lock(lock: Lock, base: Path, pool: SessionPool, *, top_k: int = 5) -> tuple[PromptOutcome, ...]:
-    """Run every smoke prompt of ``lock`` (all must render) on the pool's session for its engine and backend.
-
-    A session observes one batch at a time: callers running variants in parallel give each thread its own
-    engine/backend combinations.
-
-    An engine that is not installed here, or not the locked version, is an :class:`EngineError`.
-    """
-    check_engine(lock)
-    session = pool.session(lock, base)
-    recorded = record_lock(lock, base, top_k=top_k, session=session)
-    pool.engine_runs += 1
-    renders = {r.name: r for r in render_lock_prompts(lock)}
-    return tuple(
-        PromptOutcome(
-            render=renders[pin.name],
-            golden=pin.golden,
-            expectation_failure=expectation_failure(pin.expect, pin.golden.text) if pin.golden else None,
+def check_model(lock: Lock, base: Path) -> None:
+    """The lock's model file must be the one it pins (hashes are cached by file identity)."""
+    path = base / lock.model.path
+    if not path.is_file():
+        raise errors.EngineError(f"model file {path} is missing, so the engine cannot run")
+    if HashCache().sha256(path) != lock.model.sha256:
+        raise errors.StaleLockError(
+            f"{path} is not the file the lock pins (sha256 {lock.model.sha256[:12]}…)",
+            hint="put the locked file back, or re-lock",
         )
-        for pin in recorded.smoke
-    )
+
+
+def observe_lock(lock: Lock, base: Path, pool: SessionPool, *, top_k: int = 5) -> tuple[PromptOutcome, ...]:
+    """Run every smoke prompt of ``lock`` that renders on the pool's session for its engine and backend.
+
+    A prompt the template cannot render is reported by its render alone. An engine that is not installed here,
+    or not the locked version, is an :class:`EngineError`. The caller has checked the model file
+    (:func:`check_model`). A session observes one batch at a time: callers running variants in parallel give
+    each thread its own engine/backend combinations.
+    """
+    renders = render_lock_prompts(lock)
+    runnable = [pin for pin, r in zip(lock.smoke, renders, strict=True) if r.rendered is not None]
+    observations: dict[str, Observation] = {}
+    if runnable:
+        check_engine(lock)
+        run = pool.session(lock, base).observe([job_for(lock, pin) for pin in runnable], top_k=top_k)
+        pool.engine_runs += 1
+        observations = run.observations
+    outcomes = []
+    for pin, render in zip(lock.smoke, renders, strict=True):
+        seen = observations.get(pin.name)
+        golden = golden_from_observation(seen) if seen is not None else None
+        failure = expectation_failure(pin.expect, golden.text) if golden is not None else None
+        outcomes.append(
+            PromptOutcome(
+                render=render,
+                golden=golden,
+                pieces=seen.generation.pieces if seen is not None else (),
+                expects=pin.expect is not None,
+                expectation_failure=failure,
+            )
+        )
+    return tuple(outcomes)
