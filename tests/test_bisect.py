@@ -101,7 +101,9 @@ def test_two_links_the_sampler_temperature_is_named_and_the_seed_is_not(tmp_path
 
 def test_four_links_one_culprit_within_the_engine_run_budget(tmp_path: Path) -> None:
     good = _lock(tmp_path / "good")
-    bad = _lock(tmp_path / "bad", seed=3, stop=["a phrase never written"], **{"repeat-last-n": 32}, temperature=1.0)
+    bad = _lock(
+        tmp_path / "bad", seed=3, stop=["a phrase never written"], **{"repeat-last-n": 32}, temperature=1.0
+    )
     report = run_bisect(good, bad)
     names = [link.name for link in report.links]
     assert sorted(names) == ["sampler.repeat-last-n", "sampler.seed", "sampler.stop", "sampler.temperature"]

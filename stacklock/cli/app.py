@@ -305,6 +305,9 @@ def diff(
 from stacklock.cli.bisect import bisect as _bisect  # noqa: E402 - registered beside the other commands.
 
 app.command(name="bisect")(_bisect)
+from stacklock.cli.matrix import matrix_app  # noqa: E402 - registered beside the other commands.
+
+app.add_typer(matrix_app, name="matrix")
 
 
 registry_app = typer.Typer(

@@ -233,6 +233,7 @@ class PromptComparison(Model):
         description="Per position up to the divergence, |logprob change| of the reference's token.",
     )
     tokens: tuple[int, ...] = Field(default=(), description="The generated token ids.")
+    pieces: tuple[str, ...] = Field(default=(), description="The generated tokens as text.")
     alternatives: tuple[tuple[tuple[int, float], ...], ...] = Field(
         default=(), description="The top-k alternatives at the divergence (reference's, then this cell's)."
     )
@@ -320,6 +321,7 @@ def _compare_prompt(name: str, ref: Mapping[str, Any], mine: Mapping[str, Any]) 
         first_divergence=divergence,
         drift=tuple(drift),
         tokens=tokens,
+        pieces=tuple(mine.get("pieces") or ()),
         alternatives=alternatives,
         passed=(mine.get("expectation-failure") is None) if expect_known else None,
         text=golden["text"] if golden else None,
