@@ -60,13 +60,13 @@ def _toml(values: dict[str, Any]) -> str:
     return "\n".join(f"{k} = {value(v)}" for k, v in values.items())
 
 
-def _lock(directory: Path, *, template: str = "gguf", **sampler: Any) -> Path:
+def _lock(directory: Path, *, template: str = "gguf", sampler: dict[str, Any] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "tiny.gguf").exists():
         build_tiny_gguf(directory / "tiny.gguf", chat_template=CHATML)
     (directory / "other.jinja").write_text(OTHER_TEMPLATE, encoding="utf-8")
     (directory / "llmstack.toml").write_text(
-        MANIFEST.format(template=template, sampler=_toml({**GREEDY, **sampler})), encoding="utf-8"
+        MANIFEST.format(template=template, sampler=_toml({**GREEDY, **(sampler or {})})), encoding="utf-8"
     )
     lock: Lock = lock_stack(directory / "llmstack.toml")
     write_lock(directory / "llmstack.lock", lock)
@@ -89,7 +89,7 @@ def test_one_link_a_template_change_shows_at_the_template_stage_without_the_engi
 
 def test_two_links_the_sampler_temperature_is_named_and_the_seed_is_not(tmp_path: Path) -> None:
     good = _lock(tmp_path / "good")
-    bad = _lock(tmp_path / "bad", temperature=1.0, seed=7)
+    bad = _lock(tmp_path / "bad", sampler={"temperature": 1.0, "seed": 7})
     report = run_bisect(good, bad)
     assert [link.name for link in report.links] == ["sampler.temperature", "sampler.seed"]
     assert report.verdict == "culprit"
@@ -102,7 +102,8 @@ def test_two_links_the_sampler_temperature_is_named_and_the_seed_is_not(tmp_path
 def test_four_links_one_culprit_within_the_engine_run_budget(tmp_path: Path) -> None:
     good = _lock(tmp_path / "good")
     bad = _lock(
-        tmp_path / "bad", seed=3, stop=["a phrase never written"], **{"repeat-last-n": 32}, temperature=1.0
+        tmp_path / "bad",
+        sampler={"seed": 3, "stop": ["a phrase never written"], "repeat-last-n": 32, "temperature": 1.0},
     )
     report = run_bisect(good, bad)
     names = [link.name for link in report.links]
@@ -113,8 +114,8 @@ def test_four_links_one_culprit_within_the_engine_run_budget(tmp_path: Path) -> 
 
 def test_two_links_that_only_change_the_output_together_are_an_interaction(tmp_path: Path) -> None:
     # temperature 1 with top-k 1 is still greedy, and top-k 40 at temperature 0 is greedy: only both sample.
-    good = _lock(tmp_path / "good", **{"top-k": 1})
-    bad = _lock(tmp_path / "bad", temperature=1.0, seed=11, **{"top-k": 40})
+    good = _lock(tmp_path / "good", sampler={"top-k": 1})
+    bad = _lock(tmp_path / "bad", sampler={"temperature": 1.0, "seed": 11, "top-k": 40})
     report = run_bisect(good, bad)
     assert report.verdict == "interaction"
     assert set(report.culprit) == {"sampler.temperature", "sampler.top-k"}
@@ -124,7 +125,7 @@ def test_two_links_that_only_change_the_output_together_are_an_interaction(tmp_p
 
 def test_a_link_with_no_effect_changes_nothing(tmp_path: Path) -> None:
     good = _lock(tmp_path / "good")
-    bad = _lock(tmp_path / "bad", seed=99)
+    bad = _lock(tmp_path / "bad", sampler={"seed": 99})
     report = run_bisect(good, bad)
     assert [link.name for link in report.links] == ["sampler.seed"]
     assert report.verdict == "no-change"
@@ -133,7 +134,7 @@ def test_a_link_with_no_effect_changes_nothing(tmp_path: Path) -> None:
 
 def test_an_engine_version_not_installed_is_not_swappable_here(tmp_path: Path) -> None:
     good = _lock(tmp_path / "good")
-    bad_path = _lock(tmp_path / "bad", seed=5)
+    bad_path = _lock(tmp_path / "bad", sampler={"seed": 5})
     text = bad_path.read_text(encoding="utf-8").replace('version = "0.3.36"', 'version = "0.3.99"', 1)
     bad_path.write_text(text, encoding="utf-8")
     links = {link.name: link for link in run_bisect(good, bad_path).links}

@@ -120,7 +120,7 @@ def test_shards_merge_to_the_single_run(project: Path) -> None:
     assert sum(s.executed for s in shards) == 8
     merged = build_report(merge_runs(shards))
     assert merged.model_copy(update={"executed": 0}) == single.model_copy(update={"executed": 0})
-    with pytest.raises(UsageError, match="cells .* are in no shard"):
+    with pytest.raises(UsageError, match=r"cells .* are in no shard"):
         merge_runs(shards[:1])
 
 
@@ -142,7 +142,7 @@ def test_the_html_report_is_self_contained_with_a_heat_map(project: Path) -> Non
 
 
 def test_bad_specs_and_prompt_files_are_one_line_errors() -> None:
-    with pytest.raises(ManifestError, match="axis 'backend.warp' is not 'template'"):
+    with pytest.raises(ManifestError, match=r"axis 'backend\.warp' is not 'template'"):
         parse_matrix_spec('[matrix.axes]\n"backend.warp" = [1]\n', "m.toml")
     with pytest.raises(ManifestError, match="needs one or more distinct values"):
         parse_matrix_spec('[matrix.axes]\n"backend.threads" = [1, 1]\n', "m.toml")
