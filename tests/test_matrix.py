@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,3 +174,60 @@ def test_the_cli_runs_shards_and_merges(project: Path, cli: Callable[..., Result
     assert result.code == 0, result.err
     assert (project / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert cli("matrix", "run", "matrix.toml", "--shard", "3/2", cwd=project).code == 2
+
+
+def _browser() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    # Not a skip: scripts/setup.sh installs Chromium, so a machine without it is set up wrongly.
+    pytest.fail(
+        "no Chromium found: run scripts/setup.sh (it installs the 'chromium' package), the HTML test needs it"
+    )
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+def test_the_html_report_opens_in_a_headless_browser_and_shows_the_heat_map(project: Path) -> None:
+    from PIL import Image  # noqa: PLC0415 - only this test needs it.
+
+    (project / "matrix.toml").write_text(
+        '[matrix]\n[matrix.axes]\n"sampler.temperature" = [0.0, 1.0]\n', encoding="utf-8"
+    )
+    report = build_report(run_matrix(project / "matrix.toml"))
+    (project / "report.html").write_text(render(report, "html"), encoding="utf-8")
+    shot = project / "shot.png"
+    done = subprocess.run(
+        [
+            _browser(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={project / 'profile'}",
+            "--window-size=1000,700",
+            f"--screenshot={shot}",
+            (project / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    raw = image.tobytes()
+    pixels = [(raw[i], raw[i + 1], raw[i + 2]) for i in range(0, len(raw), 3)]
+    width = image.size[0]
+    # Each heat-map rectangle is painted in its agreement colour: the reference row is full agreement (green),
+    # the sampled row is not; both colours must appear as blocks of pixels where the heat map is drawn.
+    expected = {agreement_colour(p.token_agreement) for cell in report.cells for p in cell.prompts}
+    assert len(expected) >= 2
+    for colour in expected:
+        where = [i for i, rgb in enumerate(pixels) if rgb == _rgb(colour)]
+        assert len(where) > 500, f"heat-map colour {colour} covers {len(where)} pixels"
+        xs = [i % width for i in where]
+        assert max(xs) - min(xs) >= 80
