@@ -189,6 +189,7 @@ class VerifyFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
     JUNIT = "junit"
+    MARKDOWN = "markdown"
 
 
 @app.command()
@@ -204,6 +205,13 @@ def verify(
             "--tolerance",
             min=0.0,
             help="Accept a divergence at a near-tie: the golden token is in the top-k and within this logprob gap.",
+        ),
+    ] = None,
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            help="Also append a Markdown summary to this file (in GitHub Actions: $GITHUB_STEP_SUMMARY).",
         ),
     ] = None,
 ) -> None:
@@ -223,6 +231,18 @@ def verify(
     lock_path = _lock_path(manifest)
     report = verify_stack(lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance))
     _echo(render(report, fmt.value).rstrip("\n"))
+    if summary is not None:
+        from stacklock.report.verify import render_markdown  # noqa: PLC0415
+
+        # A step summary is appended to, as GitHub Actions expects: several steps may write to one file.
+        try:
+            with summary.open("a", encoding="utf-8") as handle:
+                handle.write(render_markdown(report))
+        except OSError as exc:
+            raise UsageError(
+                f"--summary {summary}: cannot append to it ({exc.strerror or exc})",
+                hint="give a writable file path",
+            ) from None
     if certificate is not None:
         from stacklock.lock.project import read_lock  # noqa: PLC0415
 
