@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from stacklock.engines.runner import EngineSession  # noqa: E402
 from stacklock.explore.bisect import run_bisect  # noqa: E402
-from stacklock.explore.matrix import _cell_locks, read_matrix_spec, run_matrix  # noqa: E402
+from stacklock.explore.matrix import load_cell_locks, read_matrix_spec, run_matrix  # noqa: E402
 from stacklock.lock.api import lock_stack  # noqa: E402
 from stacklock.lock.project import write_lock  # noqa: E402
 from stacklock.verify.session import job_for  # noqa: E402
@@ -68,7 +68,7 @@ def bench_matrix(directory: Path) -> float:
     (directory / "llmstack.toml").write_text(MANIFEST.format(sampler="seed = 1") + SMOKE, encoding="utf-8")
     (directory / "matrix.toml").write_text(SPEC, encoding="utf-8")
     spec = read_matrix_spec(directory / "matrix.toml")
-    base, cells = _cell_locks(spec, directory / "matrix.toml")
+    base, cells = load_cell_locks(spec, directory / "matrix.toml")
     # The baseline: the engine work the matrix cannot avoid, one session per backend combination.
     start = time.perf_counter()
     by_backend: dict[str, list[int]] = {}

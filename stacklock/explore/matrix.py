@@ -45,6 +45,7 @@ __all__ = [
     "apply_cell",
     "build_report",
     "cell_digest",
+    "load_cell_locks",
     "merge_runs",
     "parse_matrix_spec",
     "parse_prompts",
@@ -397,7 +398,7 @@ def read_matrix_spec(path: Path) -> MatrixSpec:
     return parse_matrix_spec(text, str(path))
 
 
-def _cell_locks(spec: MatrixSpec, spec_path: Path) -> tuple[Path, list[tuple[Cell, Lock]]]:
+def load_cell_locks(spec: MatrixSpec, spec_path: Path) -> tuple[Path, list[tuple[Cell, Lock]]]:
     """Resolve the manifest once per template value and apply each cell's options (reads the world once)."""
     base = spec_path.parent
     manifest_path = base / spec.manifest
@@ -441,7 +442,7 @@ def run_matrix(
 ) -> MatrixRun:
     """Run every cell of the matrix (or one shard's), reusing cached cells; one engine load per combination."""
     spec = read_matrix_spec(spec_path)
-    base, cells = _cell_locks(spec, spec_path)
+    base, cells = load_cell_locks(spec, spec_path)
     cache = cache_dir or spec_path.parent / ".stacklock" / "matrix"
     digests = [cell_digest(lock, spec.top_k) for _, lock in cells]
     names = tuple(pin.name for pin in cells[0][1].smoke)
