@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from stacklock.errors import ManifestError, UsageError
-from stacklock.explore.matrix import build_report, merge_runs, parse_matrix_spec, parse_prompts, run_matrix
+from stacklock.explore.matrix import (
+    build_report,
+    merge_runs,
+    parse_matrix_spec,
+    parse_prompts,
+    read_matrix_spec,
+    run_matrix,
+)
 from stacklock.report.matrix import agreement_colour, render
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
@@ -143,7 +150,9 @@ def test_the_html_report_is_self_contained_with_a_heat_map(project: Path) -> Non
     assert agreement_colour(1.0) in page
 
 
-def test_bad_specs_and_prompt_files_are_one_line_errors() -> None:
+def test_bad_specs_and_prompt_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"^matrix spec not found: "):
+        read_matrix_spec(tmp_path / "missing.toml")
     with pytest.raises(ManifestError, match=r"axis 'backend\.warp' is not 'template'"):
         parse_matrix_spec('[matrix.axes]\n"backend.warp" = [1]\n', "m.toml")
     with pytest.raises(ManifestError, match="needs one or more distinct values"):
