@@ -137,6 +137,7 @@ def render_html(report: MatrixReport) -> str:
             "differs; grey: the prompt could not be rendered.</p>"
         ),
         _heat_map(report),
+        "<p>Rows: " + html.escape(" · ".join(report.axes)) + "</p>",
         "<h2>How often changing only one axis changes an output</h2>",
         _html_table(["axis", "changed", "rate"], _attribution_rows(report)),
         "<h2>Cells</h2>",
@@ -158,7 +159,7 @@ _CELL_W, _CELL_H, _LEFT, _TOP = 90, 22, 360, 80
 
 
 def _heat_map(report: MatrixReport) -> str:
-    width = _LEFT + _CELL_W * len(report.prompts) + 10
+    width = _LEFT + _CELL_W * len(report.prompts) + 80
     height = _TOP + _CELL_H * len(report.cells) + 10
     out = [
         (
@@ -174,9 +175,12 @@ def _heat_map(report: MatrixReport) -> str:
         )
     for row, cell in enumerate(report.cells):
         y = _TOP + row * _CELL_H
-        label = ("ref: " if cell.cell.index == 0 else f"{cell.cell.index}: ") + _label(cell)
+        # The axis names head the cells table; the heat map's rows name the values only, so they fit.
+        values = " · ".join(_value(v) for v in cell.cell.values.values())
+        label = ("ref: " if cell.cell.index == 0 else f"{cell.cell.index}: ") + values
         out.append(
-            f"<text x='{_LEFT - 6}' y='{y + 15}' font-size='11' text-anchor='end'>{html.escape(label[:60])}</text>"
+            f"<text x='{_LEFT - 6}' y='{y + 15}' font-size='11' text-anchor='end'>"
+            f"<title>{html.escape(_label(cell))}</title>{html.escape(label[:56])}</text>"
         )
         for column, prompt in enumerate(cell.prompts):
             x = _LEFT + column * _CELL_W
