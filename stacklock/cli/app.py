@@ -410,6 +410,14 @@ def diff(
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 
+from stacklock.cli.bisect import bisect as _bisect  # noqa: E402 - registered beside the other commands.
+
+app.command(name="bisect")(_bisect)
+from stacklock.cli.matrix import matrix_app  # noqa: E402 - registered beside the other commands.
+
+app.add_typer(matrix_app, name="matrix")
+
+
 registry_app = typer.Typer(
     help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True
 )

@@ -114,7 +114,8 @@ def _require_model(lock: Lock, base: Path) -> Path:
     return path
 
 
-def _rendered(lock: Lock, pin: SmokePin) -> RenderedSmoke:
+def rendered_smoke(lock: Lock, pin: SmokePin) -> RenderedSmoke:
+    """One smoke prompt of a lock as the engine is given it (also used by bisect and matrix)."""
     # The BOS decision is re-derived from the lock's tokenizer flags, so an edited flag shows at tokenization.
     rendered = render_smoke(pin, lock.template, lock.tokenizer)
     # A report may name the golden's tokens, BOS and EOS; a hand-edited golden may name a token the
@@ -215,7 +216,7 @@ def record_lock(
     artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
-    prompts = [_rendered(lock, p) for p in lock.smoke]
+    prompts = [rendered_smoke(lock, p) for p in lock.smoke]
     run = _observe(lock, _require_model(lock, base), prompts, top_k=top_k, session=session, reporter=reporter)
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
@@ -340,7 +341,7 @@ def verify_lock(
     for pin in lock.smoke:
         # A template that no longer renders fails that prompt's template stage; the engine is not asked.
         try:
-            prompts.append(_rendered(lock, pin))
+            prompts.append(rendered_smoke(lock, pin))
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
     top_k = lock.recording.top_k if lock.recording else 5
