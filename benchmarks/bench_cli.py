@@ -118,6 +118,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="stacklock-bench-") as tmp:
         env = {**os.environ, "STACKLOCK_CACHE_DIR": str(Path(tmp) / "cache"), "HF_HUB_OFFLINE": "1"}
+        # The model is symlinked in from outside the copied project: allow its directory, as its user would.
+        env["STACKLOCK_ALLOW_PATHS"] = str(model.resolve().parent)
         env.pop("PYTHONDEVMODE", None)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         stack = example_copy(model, Path(tmp))

@@ -14,6 +14,7 @@ its ``exit_code``. Anything else that escapes is a bug and keeps its traceback.
     │   ├── FileError                   a path that cannot be read or written (directory, permission, disk full)
     │   ├── GGUFError                   a malformed GGUF file (names field and byte offset)
     │   ├── TemplateError               a chat template that fails, escapes or runs away
+    │   │   └── RenderLimitError        a render that ran past its time, output or memory bound
     │   ├── RegistryError               a malformed registry rule, template or stack entry
     │   └── SourceError                 a source that cannot be resolved (missing file, bad hf:// URL)
     ├── StaleLockError                  exit 1: the lock no longer matches its inputs
@@ -84,6 +85,10 @@ class GGUFError(InputError):
 
 class TemplateError(InputError):
     pass
+
+
+class RenderLimitError(TemplateError):
+    """A render that ran past its time, output or memory bound: every other render of that template would too."""
 
 
 class RegistryError(InputError):

@@ -283,6 +283,17 @@ def test_a_flipped_model_byte_fails_at_artifacts(recorded: Path, cli: Cli) -> No
         )
 
 
+def test_a_truncated_model_fails_at_artifacts_before_the_engine_loads_it(recorded: Path, cli: Cli) -> None:
+    model = recorded / "tiny.gguf"
+    model.write_bytes(model.read_bytes()[:4096])
+    code, report = _verify_json(cli, recorded)
+    # Exit 1 (the stack changed), not exit 3 from an engine that cannot load half a file.
+    assert code == 1
+    for name in ("hello", "raw"):
+        assert _result(report, name)["first-failure"] == "artifacts"
+        assert _stage(report, name, "generation")["status"] == "skip"
+
+
 def test_a_stop_string_that_cuts_the_output_fails_at_output(recorded: Path, cli: Cli) -> None:
     golden = next(p for p in _lock(recorded).smoke if p.name == "hello").golden
     assert golden is not None

@@ -32,6 +32,13 @@ def gemma() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _allow_the_model_directory(gemma: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The model is symlinked in from outside each test's project: the user allows its directory, as a user
+    # with a shared model store would.
+    monkeypatch.setenv("STACKLOCK_ALLOW_PATHS", str(gemma.resolve().parent))
+
+
 def _example(tmp_path: Path, gemma: Path, *, with_lock: bool) -> Path:
     shutil.copy(EXAMPLE / "llmstack.toml", tmp_path / "llmstack.toml")
     if with_lock:

@@ -194,7 +194,7 @@ def test_failed_lock_leaves_the_previous_lock_intact(tmp_path: Path, cli: Cli) -
     result = cli("lock", cwd=project)
     assert result.code == 2
     assert result.err == (
-        "error: template.source: file not found: missing.jinja; fix the path (relative to llmstack.toml)\n"
+        "error: template.source: file not found: missing.jinja; fix the path (relative to llmstack.toml) or create the file\n"
     )
     assert (project / "llmstack.lock").read_bytes() == before
     assert sorted(p.name for p in project.iterdir()) == ["llmstack.lock", "llmstack.toml", "tiny.gguf"]

@@ -106,10 +106,12 @@ def test_a_set_variable_is_not_undefined(tmp_path: Path) -> None:
 
 
 @pytest.mark.gemma
-def test_the_gemma_stack_raises_no_probe(tmp_path: Path) -> None:
+def test_the_gemma_stack_raises_no_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = gemma_model_path()
     if model is None:
         pytest.skip("the Gemma 3 270M package is not installed (the 'example' extra)")
+    # The manifest names the installed model by its absolute path: the user allows its directory.
+    monkeypatch.setenv("STACKLOCK_ALLOW_PATHS", str(model.parent))
     (tmp_path / "llmstack.toml").write_text(
         manifest()
         .replace('source = "tiny.gguf"', f'source = "{model.as_posix()}"')

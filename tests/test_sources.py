@@ -227,7 +227,8 @@ def test_an_endpoint_that_is_not_a_hub_is_a_network_error(hub: Hub, monkeypatch:
         "go online once to download it, or set HF_ENDPOINT"
     )
     assert int(info.value.exit_code) == 3
-    assert hub.requests == [f"HEAD /{REPO}/resolve/main/tiny.gguf"]
+    # First the quick reachability probe (it answers, so the client asks), then the client's one request.
+    assert hub.requests == ["HEAD /", f"HEAD /{REPO}/resolve/main/tiny.gguf"]
 
 
 # ------------------------------------------------------------------------------------------ through the CLI

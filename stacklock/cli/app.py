@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +33,23 @@ ManifestOption = Annotated[
     Path, typer.Option("--manifest", "-m", help="The manifest; the lock sits beside it.", show_default=True)
 ]
 DEFAULT_MANIFEST = Path("llmstack.toml")
+
+
+@app.callback()
+def _options(
+    allow_outside_paths: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outside-paths",
+            help="Let the manifest name local files outside its directory (never set from the manifest).",
+        ),
+    ] = False,
+) -> None:
+    if allow_outside_paths:
+        from stacklock.sources.local import ALLOW_ENV  # noqa: PLC0415
+
+        # The environment carries the choice to every reader, the engine's child process included.
+        os.environ[ALLOW_ENV] = os.pathsep.join(filter(None, [os.environ.get(ALLOW_ENV), "/"]))
 
 
 def _lock_path(manifest: Path) -> Path:
@@ -119,11 +137,10 @@ def lock(
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
     from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
-    from stacklock.errors import LockError, NewerLockError  # noqa: PLC0415
-    from stacklock.lock.api import HUB_LINKS, kept_revisions, lock_stack, merge_goldens  # noqa: PLC0415
     from stacklock.lock.fresh import check_lock, moved_revisions  # noqa: PLC0415
-    from stacklock.lock.project import read_lock, read_manifest, write_lock  # noqa: PLC0415
-    from stacklock.model.findings import Allowance  # noqa: PLC0415
+    from stacklock.lock.project import (  # noqa: PLC0415
+        project_lock,
+    )
 
     lock_path = _lock_path(manifest)
     if check:
@@ -139,6 +156,36 @@ def lock(
         raise UsageError(
             "--allow needs --reason TEXT", hint="say why the finding is acceptable; it goes in the lock"
         )
+    with project_lock(lock_path):
+        _lock_once(
+            manifest,
+            lock_path,
+            allow or [],
+            reason,
+            no_cache=no_cache,
+            offline=offline,
+            upgrade=upgrade,
+            upgrade_link=upgrade_link or [],
+        )
+
+
+def _lock_once(
+    manifest: Path,
+    lock_path: Path,
+    allow: list[str],
+    reason: str | None,
+    *,
+    no_cache: bool,
+    offline: bool,
+    upgrade: bool,
+    upgrade_link: list[str],
+) -> None:
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
+    from stacklock.errors import LockError, NewerLockError  # noqa: PLC0415
+    from stacklock.lock.api import HUB_LINKS, kept_revisions, lock_stack, merge_goldens  # noqa: PLC0415
+    from stacklock.lock.project import read_lock, read_manifest, write_lock  # noqa: PLC0415
+    from stacklock.model.findings import Allowance  # noqa: PLC0415
+
     previous = None
     if lock_path.exists():
         try:
@@ -366,6 +413,14 @@ def diff(
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 
+from stacklock.cli.bisect import bisect as _bisect  # noqa: E402 - registered beside the other commands.
+
+app.command(name="bisect")(_bisect)
+from stacklock.cli.matrix import matrix_app  # noqa: E402 - registered beside the other commands.
+
+app.add_typer(matrix_app, name="matrix")
+
+
 registry_app = typer.Typer(
     help="Browse the registries: rules, known-good templates and stacks.",
     no_args_is_help=True,
@@ -383,12 +438,16 @@ def _registries(manifest: Path, offline: bool, extra: list[str] | None = None) -
     from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
 
     sources = list(read_manifest(manifest)[0].registries) if manifest.exists() else []
-    sources += [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
+    given = [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
     lock_path = _lock_path(manifest)
     pins = read_lock(lock_path).registries if lock_path.exists() else ()
     with cli_reporter() as reporter:
-        return resolve_registries(
+        found = resolve_registries(
             sources, pins=pins, offline=offline, base_dir=manifest.parent, reporter=reporter
+        )
+        # Registries given on the command line are the user's own choice: not confined to the project.
+        return found + resolve_registries(
+            given, pins=pins, offline=offline, include_bundled=False, reporter=reporter
         )
 
 

@@ -7,7 +7,9 @@ TOP_LEVEL_HELP = (
     "  engine, backend, sampler.\n"
     "\n"
     "Options:\n"
-    "  --help  Show this message and exit.\n"
+    "  --allow-outside-paths  Let the manifest name local files outside its\n"
+    "                         directory (never set from the manifest).\n"
+    "  --help                 Show this message and exit.\n"
     "\n"
     "Commands:\n"
     "  init      Write a starter llmstack.toml from a GGUF file (or a registry...\n"
@@ -18,5 +20,7 @@ TOP_LEVEL_HELP = (
     "  share     Export this stack, its lock and its certificate as a registry...\n"
     "  check     Evaluate the lock (or a refused manifest) against the...\n"
     "  diff      Show what differs between two locks, link by link; exit 1...\n"
+    "  bisect    Find the smallest set of links whose change from GOOD to BAD...\n"
+    "  matrix    Run a stack under every combination of templates, backend...\n"
     "  registry  Browse the registries: rules, known-good templates and stacks.\n"
 )

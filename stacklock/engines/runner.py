@@ -141,7 +141,8 @@ class EngineSession:
         fork = sys.platform.startswith("linux") and _single_threaded()
         context = multiprocessing.get_context("fork") if fork else multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe(duplex=True)
-        handle, log_name = tempfile.mkstemp(prefix="stacklock-engine-", suffix=".log")
+        _remove_stale_logs()
+        handle, log_name = tempfile.mkstemp(prefix=f"{_LOG_PREFIX}{os.getpid()}-", suffix=".log")
         os.close(handle)
         log_path = Path(log_name)
         payload = {
@@ -281,6 +282,51 @@ def run_engine(
         return session.observe(prompts, top_k=top_k)
 
 
+_LOG_PREFIX = "stacklock-engine-"
+
+
+def _remove_stale_logs() -> None:
+    """Remove the logs of runs whose stacklock process is gone (killed before it could clean up).
+
+    A log is named after the pid of the stacklock process that ran the engine; a crash's log, kept for a bug
+    report, is renamed without it (``stacklock-engine-crash-*``) and stays.
+    """
+    for path in Path(tempfile.gettempdir()).glob(f"{_LOG_PREFIX}*-*.log"):
+        owner = path.name.removeprefix(_LOG_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unrecordable(engine: str, exc: ValidationError) -> EngineError:
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return EngineError(
+        f"the engine ({engine}) returned a value stacklock cannot record: {where}: {err['msg']}",
+        hint="NaN or infinite numbers usually mean broken weights or sampler settings; check the model file",
+    )
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when the stacklock process dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # noqa: PLC0415 - only the engine's child needs it.
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _single_threaded() -> bool:
     """Whether this process runs one thread, native threads included (Linux: one entry in /proc/self/task)."""
     try:
@@ -312,6 +358,9 @@ def _crash(engine: str, code: int | None, doing: str, log_path: Path) -> EngineE
     lines = [line for line in lines if line]
     said = [line for line in lines if _CRASH_LINE.search(line)][-3:] or lines[-2:]
     quoted = f": {' | '.join(said)}" if said else ""
+    if lines:
+        kept_path = log_path.with_name(log_path.name.replace(_LOG_PREFIX, f"{_LOG_PREFIX}crash-", 1))
+        log_path = log_path.rename(kept_path)
     kept = f"; the engine's full output is in {log_path}" if lines else ""
     if not lines:
         log_path.unlink(missing_ok=True)
@@ -348,6 +397,9 @@ def _observe_checked(loaded: Any, prompt: dict[str, Any], top_k: int, engine: st
         )
     except ValidationError as exc:
         problem = exc.errors()[0]
+        if problem["type"] == "finite_number":
+            # NaN logprobs from broken weights, an infinite sampler value: the engine's output, not a bug.
+            raise _unrecordable(engine, exc) from None
         where = ".".join(str(part) for part in problem["loc"])
         raise _malformed(engine, f"{where}: {problem['msg']}") from None
     generation = seen.generation
@@ -359,6 +411,7 @@ def _observe_checked(loaded: Any, prompt: dict[str, Any], top_k: int, engine: st
 
 
 def _child(payload: dict[str, Any], connection: Connection) -> None:
+    _die_with_parent()
     # The engine's own output goes to the log file: C code writes to file descriptor 2 directly. ggml would
     # attach gdb to print a backtrace when it aborts; that takes seconds and says nothing a user can act on.
     log = open(payload["log"], "a", encoding="utf-8", errors="replace")  # noqa: SIM115, PTH123 - kept open for the process.

@@ -9,6 +9,7 @@ miss.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,6 +133,9 @@ def header_from_gguf(gguf: GGUFFile) -> ModelHeader:
         value = gguf.metadata[key]
         if isinstance(value, GGUFArray):
             arrays[key] = f"{value_type_name(value.item_type)}[{value.count}]"
+        elif isinstance(value, float) and not math.isfinite(value):
+            # Pinned as text ('nan', 'inf', '-inf'): equal to itself, and representable in TOML and JSON alike.
+            scalars[key] = str(value)
         else:
             scalars[key] = value
     special = _special_texts(gguf)

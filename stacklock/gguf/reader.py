@@ -16,12 +16,13 @@ import importlib.util
 import mmap
 import os
 import re
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
@@ -165,6 +166,10 @@ class GGUFArray:
 
     def __len__(self) -> int:
         return self.count
+
+    def __repr__(self) -> str:
+        # Error messages show what the value is, not its bytes or a memoryview's address.
+        return f"an array of {self.count} {_plural(self.item_type)}"
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.values())
@@ -363,12 +368,18 @@ class GGUFFile:
 # --------------------------------------------------------------------------------------------------- parsing
 
 
+MAX_ARRAY_DEPTH: Final = 16
+"""Arrays nest at most this deep. Real files nest one level (token merges); a bound keeps a crafted file from
+exhausting the stack."""
+
+
 def _walk_items(
-    buf: Any, start: int, *, item_type: int, count: int, order: str, limit: int
+    buf: Any, start: int, *, item_type: int, count: int, order: str, limit: int, depth: int = 1
 ) -> tuple[npt.NDArray[np.int64], int]:
     """Offsets (relative to ``start``) of ``count`` strings or nested arrays, and the end offset.
 
-    Raises :class:`_Overrun` with the offending offset when an item runs past ``limit``.
+    Raises :class:`_Overrun` with the offending offset when an item runs past ``limit``, and
+    :class:`_TooDeep` when arrays nest deeper than :data:`MAX_ARRAY_DEPTH`.
     """
     if item_type == _STRING and count >= _VECTOR_WALK_MIN:
         fast = _walk_strings_vectorised(buf, start, count, order, limit)
@@ -394,14 +405,16 @@ def _walk_items(
             raise _Overrun(pos, i)
         offsets[i] = pos - start
         sub_type, sub_count = unpack(fmt, buf, pos)
+        if depth >= MAX_ARRAY_DEPTH:
+            raise _TooDeep(pos)
         pos = _skip_array_items(
-            buf, pos + 12, item_type=sub_type, count=sub_count, order=order, limit=limit, index=i
+            buf, pos + 12, item_type=sub_type, count=sub_count, order=order, limit=limit, index=i, depth=depth
         )
     return offsets, pos
 
 
 def _skip_array_items(
-    buf: Any, pos: int, *, item_type: int, count: int, order: str, limit: int, index: int
+    buf: Any, pos: int, *, item_type: int, count: int, order: str, limit: int, index: int, depth: int
 ) -> int:
     size = _SCALAR_SIZES.get(item_type)
     if size is not None:
@@ -416,7 +429,9 @@ def _skip_array_items(
         raise _BadType(pos - 12, item_type)
     if count * minimum > limit - pos:
         raise _Overrun(pos, index, count * minimum)
-    _, end = _walk_items(buf, pos, item_type=item_type, count=count, order=order, limit=limit)
+    _, end = _walk_items(
+        buf, pos, item_type=item_type, count=count, order=order, limit=limit, depth=depth + 1
+    )
     return end
 
 
@@ -509,6 +524,12 @@ class _Overrun(Exception):  # noqa: N818 -- Internal signal, converted to a GGUF
         self.needed = needed
 
 
+class _TooDeep(Exception):  # noqa: N818 -- Internal signal, converted to a GGUFError with context.
+    def __init__(self, pos: int) -> None:
+        super().__init__(pos)
+        self.pos = pos
+
+
 class _BadType(Exception):  # noqa: N818 -- Internal signal, converted to a GGUFError with context.
     def __init__(self, pos: int, value_type: int) -> None:
         super().__init__(pos)
@@ -525,6 +546,9 @@ class _ArraySpan:
     start: int
     end: int
     offsets: npt.NDArray[np.int64] | None
+
+    def __repr__(self) -> str:
+        return f"an array of {self.count} {_plural(self.item_type)}"
 
 
 @dataclass(frozen=True)
@@ -728,6 +752,10 @@ class _Parser:
             guess = (exc.pos - start) * count // exc.index - (exc.pos - start) if exc.index else 0
             self.pos = exc.pos
             raise self.truncated(described, max(8 + exc.needed, guess)) from None
+        except _TooDeep as exc:
+            raise self.corrupt(
+                f"'{key}' nests arrays more than {MAX_ARRAY_DEPTH} levels deep (at byte {exc.pos})"
+            ) from None
         except _BadType as exc:
             raise self.corrupt(
                 f"unknown item type {exc.value_type} in a nested array of '{key}' at byte {exc.pos}",
@@ -868,16 +896,20 @@ def _finish_metadata(
 
 def _read_part(path: Path, display: str, part: int) -> _Part:
     try:
-        with path.open("rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        # Non-blocking: a FIFO cannot hang the open; fstat then refuses anything but a regular file.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise GGUFError(f"{display}: not a regular file", hint="give the path of a .gguf file")
+            size = info.st_size
             if size == 0:
                 raise GGUFError(f"{display}: the file is empty", hint=_INCOMPLETE)
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _parse_part(_Parser(buf, size, display), part)
-    except OSError as exc:
-        raise GGUFError(
-            f"{display}: cannot read the file ({exc.strerror or exc})", hint="check the path"
-        ) from None
+    except (OSError, ValueError) as exc:
+        # ValueError: a NUL byte in the path, or mmap of a file that shrank to nothing meanwhile.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise GGUFError(f"{display}: cannot read the file ({reason})", hint="check the path") from None
 
 
 def _parse_part(parser: _Parser, part: int) -> _Part:

@@ -14,7 +14,6 @@ from stacklock.engines.base import AdapterInfo
 from stacklock.engines.machine import installed_engine_version
 from stacklock.engines.plugins import adapter_info
 from stacklock.errors import SourceError, TemplateError
-from stacklock.files.atomic import read_text
 from stacklock.files.digest import FileDigests, HashCache
 from stacklock.gguf.header import HeaderCache, ModelHeader, header_from_gguf
 from stacklock.lock.project import read_manifest
@@ -28,6 +27,7 @@ from stacklock.registry.files import LoadedRegistry
 from stacklock.registry.query import find_template
 from stacklock.reporter import NO_REPORTER, Reporter
 from stacklock.sources.hub import env_true, read_hub_text, read_remote_header, stat_hub_model
+from stacklock.sources.local import confine, read_text_file
 from stacklock.sources.model import HubSource, ModelSource, fetch_model, parse_model_source
 from stacklock.template.upstream import TEMPLATE_FILES, parse_hub_template_source, parse_template_file
 
@@ -312,14 +312,7 @@ def load_template(
             )
         return ResolvedTemplate(text, f"{model_name}: tokenizer.chat_template.{name}", None)
     if kind == "file":
-        path = base / name
-        try:
-            return ResolvedTemplate(read_text(path), name, None)
-        except FileNotFoundError:
-            raise TemplateError(
-                f"template.source: file not found: {name}", hint="fix the path (relative to llmstack.toml)"
-            ) from None
-        except UnicodeDecodeError as exc:
-            raise TemplateError(f"template.source: {name}: not UTF-8 (byte {exc.start})") from None
+        path = confine(name, base, "template.source")
+        return ResolvedTemplate(read_text_file(path, f"template.source: {name}", TemplateError), name, None)
     entry = find_template(registries, name)
     return ResolvedTemplate(entry.text, f"registry {entry.registry}: templates/{entry.id}", entry.digest)

@@ -13,12 +13,19 @@ manifest nor the GGUF gives is None, with origin ``unknown``, and the lock says 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from stacklock.model.base import Model, kebab
-from stacklock.model.manifest import BackendKind, BackendSpec, SamplerSpec
+from stacklock.model.manifest import (
+    MAX_CONTEXT_SIZE,
+    MAX_NEW_TOKENS,
+    MAX_STOP_STRINGS,
+    BackendKind,
+    BackendSpec,
+    SamplerSpec,
+)
 
 #: Where an effective value came from; "unknown": nobody said, and stacklock does not know the engine's default
 #: (the value is absent from the lock, and the engine is left to its own default or refuses to run).
@@ -53,22 +60,28 @@ GENERATION_CONFIG_KEYS: Mapping[str, str] = {
 class EffectiveSampler(Model):
     """Every sampler value the engine will be given, and where each one came from; None: unknown."""
 
-    temperature: float | None = Field(default=None, description="0 is greedy.")
-    top_k: int | None = Field(default=None, description="Top-k cut-off (0: off).")
-    top_p: float | None = Field(default=None, description="Nucleus cut-off (1: off).")
-    min_p: float | None = Field(default=None, description="Min-p cut-off (0: off).")
-    typical_p: float | None = Field(default=None, description="Locally typical sampling (1: off).")
-    repeat_penalty: float | None = Field(default=None, description="Repetition penalty (1: off).")
-    repeat_last_n: int | None = Field(default=None, description="Tokens the penalty looks back over.")
+    temperature: float | None = Field(default=None, ge=0, description="0 is greedy.")
+    top_k: int | None = Field(default=None, ge=0, description="Top-k cut-off (0: off).")
+    top_p: float | None = Field(default=None, ge=0, le=1, description="Nucleus cut-off (1: off).")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="Min-p cut-off (0: off).")
+    typical_p: float | None = Field(
+        default=None, ge=0, le=1, description="Locally typical sampling (1: off)."
+    )
+    repeat_penalty: float | None = Field(default=None, ge=0, description="Repetition penalty (1: off).")
+    repeat_last_n: int | None = Field(default=None, ge=-1, description="Tokens the penalty looks back over.")
     frequency_penalty: float | None = Field(default=None, description="Frequency penalty (0: off).")
     presence_penalty: float | None = Field(default=None, description="Presence penalty (0: off).")
-    mirostat: int | None = Field(default=None, description="Mirostat mode (0: off).")
-    mirostat_tau: float | None = Field(default=None, description="Mirostat target entropy.")
-    mirostat_eta: float | None = Field(default=None, description="Mirostat learning rate.")
-    seed: int | None = Field(default=None, description="Sampling seed (4294967295 is llama.cpp's 'random').")
-    max_tokens: int | None = Field(default=None, description="Default maximum new tokens per smoke prompt.")
+    mirostat: Literal[0, 1, 2] | None = Field(default=None, description="Mirostat mode (0: off).")
+    mirostat_tau: float | None = Field(default=None, ge=0, description="Mirostat target entropy.")
+    mirostat_eta: float | None = Field(default=None, ge=0, description="Mirostat learning rate.")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**32 - 1, description="Sampling seed (4294967295 is llama.cpp's 'random')."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_NEW_TOKENS, description="Default maximum new tokens per smoke prompt."
+    )
     stop: tuple[str, ...] | None = Field(
-        default=None, description="Stop strings; the output is cut before them."
+        default=None, max_length=MAX_STOP_STRINGS, description="Stop strings; the output is cut before them."
     )
     origin: dict[str, Origin] = Field(
         description="Where each value came from: manifest, gguf, generation-config, engine-default or unknown (absent above)."
@@ -79,15 +92,17 @@ class EffectiveBackend(Model):
     """Every load option the engine will be given, and where each one came from; None: unknown."""
 
     kind: BackendKind = Field(description="Where the model runs.")
-    gpu_layers: int | None = Field(default=None, description="Layers offloaded to the GPU (-1: all).")
+    gpu_layers: int | None = Field(default=None, ge=-1, description="Layers offloaded to the GPU (-1: all).")
     flash_attention: Literal["on", "off", "auto"] | None = Field(default=None, description="Flash attention.")
     cache_type_k: str | None = Field(default=None, description="KV-cache type for K.")
     cache_type_v: str | None = Field(default=None, description="KV-cache type for V.")
-    threads: int | Literal["auto"] | None = Field(
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         default=None, description="CPU threads ('auto': the engine picks per machine)."
     )
-    batch_size: int | None = Field(default=None, description="Prompt-processing batch size.")
-    context_size: int | None = Field(default=None, description="Context window in tokens.")
+    batch_size: int | None = Field(default=None, ge=1, description="Prompt-processing batch size.")
+    context_size: int | None = Field(
+        default=None, ge=1, le=MAX_CONTEXT_SIZE, description="Context window in tokens."
+    )
     origin: dict[str, Origin] = Field(
         default_factory=dict,
         description="Where each load option came from: manifest, engine-default or unknown (absent above). "

@@ -19,7 +19,7 @@ from stacklock.files.digest import canonical_digest, sha256_bytes, sha256_text
 from stacklock.model.base import Model
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 from stacklock.model.findings import Allowance, Finding, RegistryPin
-from stacklock.model.manifest import Expectation, Message, Stack
+from stacklock.model.manifest import MAX_NEW_TOKENS, Expectation, Message, Stack
 from stacklock.model.tokenizer import TokenizerFingerprint
 from stacklock.model.toml import parse_toml, validate
 
@@ -186,9 +186,10 @@ class SmokeGolden(Model):
     prompt_tokens: tuple[int, ...] | None = Field(
         default=None, description="The prompt token ids (short prompts)."
     )
-    tokens: tuple[int, ...] = Field(description="The generated token ids.")
+    tokens: tuple[int, ...] = Field(max_length=MAX_NEW_TOKENS, description="The generated token ids.")
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = Field(
-        description="Per generated token, the top-k (token id, logprob) pairs, rounded to 4 decimals."
+        max_length=MAX_NEW_TOKENS,
+        description="Per generated token, the top-k (token id, logprob) pairs, rounded to 4 decimals.",
     )
     text: str = Field(description="The output after post-processing (stop strings, detokenization).")
     stop_reason: Literal["eos", "stop-string", "max-tokens"] = Field(description="Why generation stopped.")
@@ -200,7 +201,7 @@ class SmokePin(Model):
     messages: tuple[Message, ...] | None = Field(default=None, description="The conversation, system first.")
     add_generation_prompt: bool = Field(default=True, description="Whether the render ends with the header.")
     prompt: str | None = Field(default=None, description="The raw prompt.")
-    max_tokens: int = Field(description="Maximum new tokens.")
+    max_tokens: int = Field(ge=1, le=MAX_NEW_TOKENS, description="Maximum new tokens.")
     expect: Expectation | None = Field(default=None, description="What the output must satisfy.")
     rendered: str | None = Field(default=None, description="The rendered prompt text, exactly as tokenized.")
     rendered_sha256: str = Field(description="sha256 of the rendered prompt text.")
@@ -222,7 +223,7 @@ class Recording(Model):
 class Lock(Model):
     """``llmstack.lock``: every link pinned."""
 
-    lock_version: int = Field(description="The lock format version.")
+    lock_version: int = Field(strict=True, description="The lock format version (an integer).")
     created_by: str = Field(description="The stacklock version that wrote the lock.")
     manifest_hash: Annotated[str, BeforeValidator(canonical_digest)] = Field(
         description="sha256 of the manifest's content, for drift detection (hex; a `sha256:` prefix is read too)."
@@ -367,15 +368,17 @@ def _fill(container: Any, data: Mapping[str, Any], *, notes: Mapping[str, str] |
 
 def _item(value: Any) -> Any:
     import tomlkit  # noqa: PLC0415
+    from tomlkit.items import Array, Trivia  # noqa: PLC0415
 
     if isinstance(value, str) and "\n" in value:
         return tomlkit.string(value, multiline=True)
     if isinstance(value, list):
-        array = tomlkit.array()
+        if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
+            # Built in one call: Array.append re-indexes the whole array, quadratic in a 100,000-token golden.
+            return Array([tomlkit.item(_item(entry)) for entry in value], Trivia(), multiline=True)
+        array: Array = tomlkit.array()
         for entry in value:
             array.append(_item(entry))
-        if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
-            array.multiline(True)
         return array
     if isinstance(value, dict):
         inline = tomlkit.inline_table()

@@ -127,6 +127,13 @@ class EngineSpec(Model):
         return self
 
 
+MAX_NEW_TOKENS = 4096
+"""Smoke prompts are short checks; a bound keeps a golden (and the lock that holds it) small to write and read."""
+MAX_STOP_STRINGS = 1000
+MAX_CONTEXT_SIZE = 1 << 24
+"""16M tokens: above any model's trained context; a larger window would only allocate a runaway KV cache."""
+
+
 class BackendKind(enum.StrEnum):
     CPU = "cpu"
     CUDA = "cuda"
@@ -146,7 +153,9 @@ class BackendSpec(Model):
     )
     threads: int | None = Field(default=None, ge=1, description="CPU threads for generation.")
     batch_size: int | None = Field(default=None, ge=1, description="Prompt-processing batch size.")
-    context_size: int | None = Field(default=None, ge=1, description="Context window in tokens.")
+    context_size: int | None = Field(
+        default=None, ge=1, le=MAX_CONTEXT_SIZE, description="Context window in tokens."
+    )
 
 
 class SamplerSpec(Model):
@@ -168,10 +177,10 @@ class SamplerSpec(Model):
     mirostat_eta: float | None = Field(default=None, ge=0, description="Mirostat learning rate.")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Sampling seed.")
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Default maximum new tokens per smoke prompt."
+        default=None, ge=1, le=MAX_NEW_TOKENS, description="Default maximum new tokens per smoke prompt."
     )
     stop: tuple[str, ...] | None = Field(
-        default=None, description="Stop strings; the output is cut before them."
+        max_length=MAX_STOP_STRINGS, default=None, description="Stop strings; the output is cut before them."
     )
     defaults: str | None = Field(
         default=None,
@@ -201,6 +210,9 @@ class Expectation(Model):
         if value is not None:
             try:
                 re.compile(value)
+            except (OverflowError, RecursionError) as exc:
+                # A repetition count beyond the engine's limit ('a{4294967296}'), or nesting beyond the stack.
+                raise ValueError(f"invalid regular expression: {exc}") from None
             except re.error as exc:
                 raise ValueError(f"invalid regular expression: {exc}") from None
         return value
@@ -215,7 +227,7 @@ class Smoke(Model):
     add_generation_prompt: bool = Field(default=True, description="End the render with the assistant header.")
     prompt: str | None = Field(default=None, description="A raw prompt, tokenized as is (no template).")
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Maximum new tokens (default: the sampler's)."
+        default=None, ge=1, le=MAX_NEW_TOKENS, description="Maximum new tokens (default: the sampler's)."
     )
     expect: Expectation | None = Field(default=None, description="What the output must satisfy.")
 

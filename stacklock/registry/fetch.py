@@ -33,6 +33,7 @@ from stacklock.registry.files import (
     registry_digest,
 )
 from stacklock.reporter import NO_REPORTER, Reporter, step
+from stacklock.sources.local import confine_dir
 
 MAX_ARCHIVE_BYTES: Final = 64 << 20
 MAX_EXTRACTED_BYTES: Final = 256 << 20
@@ -271,6 +272,9 @@ def load_registry_source(
     kind = source_kind(source.url)
     if kind == "directory":
         root = _local_path(source.url, base_dir)
+        if base_dir is not None:
+            # A manifest's registry directory is confined to the project like any other local source.
+            root = confine_dir(str(root), base_dir, f"registry '{source.name}'")
         if not (root / "registry.toml").is_file():
             raise RegistryError(
                 f"registry '{source.name}': {root} holds no registry.toml; point the url at a registry "

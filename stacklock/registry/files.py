@@ -38,6 +38,7 @@ from stacklock.model.toml import parse_toml, validate
 from stacklock.rules.predicates import Rule, parse_rule, predicate_json_schema_defs
 from stacklock.rules.pretokenizers import PRETOKENIZERS_FILE, PreTokenizerTable, parse_pretokenizer_table
 from stacklock.rules.versions import EngineTable, EngineTables, parse_engine_table
+from stacklock.sources.local import read_bytes_file
 
 #: The registry format this stacklock reads; ``registry.toml`` says which one a registry is written in.
 FORMAT_VERSION: Final = 1
@@ -349,14 +350,10 @@ def read_registry_files(root: Path) -> dict[str, bytes]:
             if filename.startswith("."):
                 continue
             path = base / filename
-            if path.is_file():
-                try:
-                    files[path.relative_to(root).as_posix()] = path.read_bytes()
-                except OSError as exc:
-                    raise RegistryError(
-                        f"{path}: cannot read: {exc.strerror or type(exc).__name__}",
-                        hint="fix the file's permissions or remove it from the registry",
-                    ) from None
+            # A symlink could lead out of the registry (to /proc/self/environ); only regular files are read.
+            if not path.is_symlink() and path.is_file():
+                rel = path.relative_to(root).as_posix()
+                files[rel] = read_bytes_file(path, f"{root}: {rel}", RegistryError)
     return files
 
 

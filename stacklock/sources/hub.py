@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -200,6 +202,29 @@ def hub_errors(where: str) -> Iterator[None]:
         hub_logger.setLevel(level)
 
 
+#: Seconds the hub has to answer a first probe before stacklock calls it unreachable.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _require_reachable(where: str, endpoint: str) -> None:
+    """Fail in seconds when nothing answers at the hub's address (any HTTP status counts as an answer).
+
+    huggingface-hub retries a refused connection for about 23 s; a run without network should say so quickly.
+    """
+    request = urllib.request.Request(endpoint, method="HEAD")  # noqa: S310 - the user's own hub endpoint.
+    try:
+        with urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S):  # noqa: S310
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise NetworkError(
+            f"{where}: the hub at {endpoint} is not reachable ({reason})",
+            hint="check the network or HF_ENDPOINT, or use --offline with a filled hub cache",
+        ) from None
+
+
 def stat_hub_file(
     repo: str, revision: str, path: str, *, endpoint: str | None = None, link: str = "model.source"
 ) -> HubFile:
@@ -212,6 +237,7 @@ def stat_hub_file(
     where = f"{link}: hf://{repo}@{revision}/{path}"
     if env_true("HF_HUB_OFFLINE"):
         raise NetworkError(f"{where}: HF_HUB_OFFLINE is set, so the hub cannot be asked", hint="unset it")
+    _require_reachable(where, hub_endpoint(endpoint) or "https://huggingface.co")
     with hub_errors(where):
         url = hf_hub_url(repo, path, revision=revision, endpoint=hub_endpoint(endpoint))
         meta = get_hf_file_metadata(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stacklock.errors import SourceError
 from stacklock.reporter import NO_REPORTER, Reporter
+from stacklock.sources.local import confine
 
 _HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
 
@@ -49,6 +50,7 @@ def parse_model_source(text: str, where: str = "model.source") -> ModelSource:
                 f"{where}: '{text}' is not a hub source",
                 hint="write hf://owner/repo@revision/path/to/file.gguf",
             )
+        _check_hub_names(text, where, match["repo"], match["path"])
         return HubSource(match["repo"], match["rev"] or "main", match["path"])
     if text.startswith("registry://"):
         return RegistryModelSource(text.removeprefix("registry://"))
@@ -58,6 +60,20 @@ def parse_model_source(text: str, where: str = "model.source") -> ModelSource:
             hint="use a local path, hf://owner/repo@revision/file.gguf or registry://name",
         )
     return LocalSource(text.removeprefix("file:"))
+
+
+def _check_hub_names(text: str, where: str, repo: str, path: str) -> None:
+    # The hub's own rules for repository ids, checked here so that its client's ValueError never escapes.
+    if "--" in repo or ".." in repo or repo.endswith((".", "-")):
+        raise SourceError(
+            f"{where}: '{text}': the repository id '{repo}' may not contain '--' or '..', nor end in '.' or '-'",
+            hint="write hf://owner/repo@revision/path/to/file.gguf",
+        )
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise SourceError(
+            f"{where}: '{text}': the path in the repository may not contain '.', '..' or empty segments",
+            hint="name the file by its path from the repository's root",
+        )
 
 
 @dataclass(frozen=True)
@@ -81,14 +97,7 @@ def fetch_model(
     ``endpoint`` is the hub to ask for ``hf://`` sources (default: ``$HF_ENDPOINT``, else huggingface.co).
     """
     if isinstance(source, LocalSource):
-        path = Path(source.path)
-        path = path if path.is_absolute() else base_dir / path
-        if not path.is_file():
-            raise SourceError(
-                f"model.source: file not found: {source.path}",
-                hint="fix the path (relative to llmstack.toml) or create the file",
-            )
-        return FetchedModel(path, None)
+        return FetchedModel(confine(source.path, base_dir, "model.source"), None)
     if isinstance(source, HubSource):
         return _fetch_hub(source, offline=offline, endpoint=endpoint, reporter=reporter)
     raise SourceError(

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from stacklock.gguf.header import header_from_gguf
 from stacklock.gguf.reader import read_gguf
 from stacklock.lock.diff import embedded_template, explain_model, template_diff
 from stacklock.lock.load import load_template
-from stacklock.lock.project import read_lock, read_manifest, write_lock
+from stacklock.lock.project import project_lock, read_lock, read_manifest, write_lock
 from stacklock.lock.resolve import pin_model
 from stacklock.lock.smoke import effective_add_bos, render_smoke
 from stacklock.model.lock import FilePin, Lock, SmokePin
@@ -30,8 +31,10 @@ from stacklock.registry.fetch import resolve_registries
 from stacklock.reporter import NO_REPORTER, Reporter
 from stacklock.rules.versions import same_commit
 from stacklock.sources.hub import download_hub_file
+from stacklock.sources.local import confine
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.verify.compare import (
+    STAGES,
     StageResult,
     Tolerance,
     VerifyReport,
@@ -80,8 +83,9 @@ def locate(location: str, base: Path, *, sha256: str | None = None, download: bo
     """
     source = parse_model_source(location)
     if not isinstance(source, HubSource):
-        path = base / location
-        return path if path.is_file() else None
+        # A hand-edited lock may point anywhere: it is confined like a manifest's source.
+        lexists = "\x00" not in location and os.path.lexists(base / location)
+        return confine(location, base, "model.path in the lock") if lexists else None
     try:
         path, _ = download_hub_file(
             source.repo, source.revision, source.path, offline=not download, sha256=sha256
@@ -110,7 +114,8 @@ def _require_model(lock: Lock, base: Path) -> Path:
     return path
 
 
-def _rendered(lock: Lock, pin: SmokePin) -> RenderedSmoke:
+def rendered_smoke(lock: Lock, pin: SmokePin) -> RenderedSmoke:
+    """One smoke prompt of a lock as the engine is given it (also used by bisect and matrix)."""
     # The BOS decision is re-derived from the lock's tokenizer flags, so an edited flag shows at tokenization.
     rendered = render_smoke(pin, lock.template, lock.tokenizer)
     # A report may name the golden's tokens, BOS and EOS; a hand-edited golden may name a token the
@@ -211,7 +216,7 @@ def record_lock(
     artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
-    prompts = [_rendered(lock, p) for p in lock.smoke]
+    prompts = [rendered_smoke(lock, p) for p in lock.smoke]
     run = _observe(lock, _require_model(lock, base), prompts, top_k=top_k, session=session, reporter=reporter)
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
@@ -226,11 +231,13 @@ def record_lock(
 def record(
     lock_path: Path, *, top_k: int = 5, reporter: Reporter = NO_REPORTER, offline: bool = False
 ) -> Lock:
-    """Run every smoke prompt of the lock file and store the goldens in it (written atomically)."""
-    recorded = record_lock(
-        read_lock(lock_path), lock_path.parent, top_k=top_k, reporter=reporter, offline=offline
-    )
-    write_lock(lock_path, recorded)
+    """Run every smoke prompt of the lock file and store the goldens in it (written atomically, one run at a
+    time)."""
+    with project_lock(lock_path):
+        recorded = record_lock(
+            read_lock(lock_path), lock_path.parent, top_k=top_k, reporter=reporter, offline=offline
+        )
+        write_lock(lock_path, recorded)
     return recorded
 
 
@@ -315,6 +322,13 @@ def verify_lock(
         )
     check_engine(lock)
     artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
+    present = all(path is not None for path in model_files(lock, base).values())
+    if artifacts.status != "pass" and present:
+        # A truncated or replaced model is an artifacts failure (exit 1), not an engine that cannot load it;
+        # a missing one still stops below, as an engine that cannot run (exit 3).
+        reason = "the locked files differ"
+        stages = [artifacts, *(skipped(stage, reason) for stage in STAGES[1:])]
+        return build_report([smoke_result(pin.name, stages) for pin in lock.smoke], tolerance=tolerance)
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
     text = lock.template.text
@@ -327,7 +341,7 @@ def verify_lock(
     for pin in lock.smoke:
         # A template that no longer renders fails that prompt's template stage; the engine is not asked.
         try:
-            prompts.append(_rendered(lock, pin))
+            prompts.append(rendered_smoke(lock, pin))
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
     top_k = lock.recording.top_k if lock.recording else 5
