@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -101,8 +102,16 @@ def test_the_readme_example_runs_as_shown(tmp_path: Path) -> None:
     (tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf").symlink_to(gemma)
     # Run as a script, the way a user runs it: the engine's child process re-imports the main module.
     (tmp_path / "example.py").write_text(code, encoding="utf-8")
+    # The model is linked from outside the project: the user allows its directory, as confinement asks.
+    env = {**os.environ, "STACKLOCK_ALLOW_PATHS": str(Path(gemma).resolve().parent)}
     done = subprocess.run(
-        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == shown

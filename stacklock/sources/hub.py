@@ -17,8 +17,6 @@ import logging
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -211,6 +209,9 @@ def _require_reachable(where: str, endpoint: str) -> None:
 
     huggingface-hub retries a refused connection for about 23 s; a run without network should say so quickly.
     """
+    import urllib.error  # noqa: PLC0415 - only a hub source asks: lock --check of a local stack stays light.
+    import urllib.request  # noqa: PLC0415
+
     request = urllib.request.Request(endpoint, method="HEAD")  # noqa: S310 - the user's own hub endpoint.
     try:
         with urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S):  # noqa: S310
