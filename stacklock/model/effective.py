@@ -20,11 +20,10 @@ from pydantic import Field
 from stacklock.model.base import Model, kebab
 from stacklock.model.manifest import (
     MAX_CONTEXT_SIZE,
-    MAX_NEW_TOKENS,
-    MAX_STOP_STRINGS,
     BackendKind,
     BackendSpec,
     SamplerSpec,
+    SamplerValues,
 )
 
 #: Where an effective value came from; "unknown": nobody said, and stacklock does not know the engine's default
@@ -57,32 +56,9 @@ GENERATION_CONFIG_KEYS: Mapping[str, str] = {
 }
 
 
-class EffectiveSampler(Model):
+class EffectiveSampler(SamplerValues):
     """Every sampler value the engine will be given, and where each one came from; None: unknown."""
 
-    temperature: float | None = Field(default=None, ge=0, description="0 is greedy.")
-    top_k: int | None = Field(default=None, ge=0, description="Top-k cut-off (0: off).")
-    top_p: float | None = Field(default=None, ge=0, le=1, description="Nucleus cut-off (1: off).")
-    min_p: float | None = Field(default=None, ge=0, le=1, description="Min-p cut-off (0: off).")
-    typical_p: float | None = Field(
-        default=None, ge=0, le=1, description="Locally typical sampling (1: off)."
-    )
-    repeat_penalty: float | None = Field(default=None, ge=0, description="Repetition penalty (1: off).")
-    repeat_last_n: int | None = Field(default=None, ge=-1, description="Tokens the penalty looks back over.")
-    frequency_penalty: float | None = Field(default=None, description="Frequency penalty (0: off).")
-    presence_penalty: float | None = Field(default=None, description="Presence penalty (0: off).")
-    mirostat: Literal[0, 1, 2] | None = Field(default=None, description="Mirostat mode (0: off).")
-    mirostat_tau: float | None = Field(default=None, ge=0, description="Mirostat target entropy.")
-    mirostat_eta: float | None = Field(default=None, ge=0, description="Mirostat learning rate.")
-    seed: int | None = Field(
-        default=None, ge=0, le=2**32 - 1, description="Sampling seed (4294967295 is llama.cpp's 'random')."
-    )
-    max_tokens: int | None = Field(
-        default=None, ge=1, le=MAX_NEW_TOKENS, description="Default maximum new tokens per smoke prompt."
-    )
-    stop: tuple[str, ...] | None = Field(
-        default=None, max_length=MAX_STOP_STRINGS, description="Stop strings; the output is cut before them."
-    )
     origin: dict[str, Origin] = Field(
         description="Where each value came from: manifest, gguf, generation-config, engine-default or unknown (absent above)."
     )

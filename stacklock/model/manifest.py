@@ -158,8 +158,8 @@ class BackendSpec(Model):
     )
 
 
-class SamplerSpec(Model):
-    """Sampler settings. Anything left out takes the GGUF's general.sampling.* value, then the engine default."""
+class SamplerValues(Model):
+    """The sampler values, each optional: what a manifest sets, and what a lock knows (None: unknown)."""
 
     temperature: float | None = Field(default=None, ge=0, description="0 is greedy.")
     top_k: int | None = Field(default=None, ge=0, description="Top-k cut-off (0: off).")
@@ -182,6 +182,11 @@ class SamplerSpec(Model):
     stop: tuple[str, ...] | None = Field(
         max_length=MAX_STOP_STRINGS, default=None, description="Stop strings; the output is cut before them."
     )
+
+
+class SamplerSpec(SamplerValues):
+    """Sampler settings. Anything left out takes the GGUF's general.sampling.* value, then the engine default."""
+
     defaults: str | None = Field(
         default=None,
         description=(
