@@ -37,19 +37,20 @@ def test_a_manifest_that_is_a_directory(project: Path, cli: Cli) -> None:
     assert cli("lock", cwd=project).code == 0
     (project / "llmstack.toml").unlink()
     (project / "llmstack.toml").mkdir()
-    expected = (
-        "error: cannot read llmstack.toml: Is a directory; that path is a directory; give the path of a file"
-    )
+    expected = "error: llmstack.toml: is a directory, not a regular file; give a regular file"
     for command in (["lock"], ["lock", "--check"], ["check"], ["registry", "list"]):
         _one_error_line(cli(*command, cwd=project), expected)
 
 
 def test_a_lock_that_is_a_directory(project: Path, cli: Cli) -> None:
     (project / "llmstack.lock").mkdir()
-    expected = (
-        "error: cannot read llmstack.lock: Is a directory; that path is a directory; give the path of a file"
+    # lock writes it (and says so); the others read it.
+    wrote = (
+        "error: cannot write llmstack.lock: Is a directory; that path is a directory; give the path of a file"
     )
+    read = "error: llmstack.lock: is a directory, not a regular file; give a regular file"
     for command in ("lock", "check", "record", "verify"):
+        expected = wrote if command == "lock" else read
         _one_error_line(cli(command, cwd=project), expected)
 
 
@@ -63,7 +64,7 @@ def test_a_template_file_that_is_a_directory(project: Path, cli: Cli) -> None:
     )
     _one_error_line(
         cli("lock", cwd=project),
-        "error: cannot read chat.jinja: Is a directory; that path is a directory; give the path of a file",
+        "error: template.source: chat.jinja is a directory, not a regular file; name a file",
     )
 
 
@@ -115,7 +116,8 @@ def test_a_registry_cache_under_a_file(
     result = cli("lock", cwd=project)
     _one_error_line(
         result,
-        f"error: cannot create the registry cache {tmp_path}/cache-file/registries: Not a directory; a part "
+        # The first thing lock creates in the cache is its run lock, which serialises runs on one lock file.
+        f"error: cannot create the cache directory {tmp_path}/cache-file/runs: Not a directory; a part "
         "of that path is a file, not a directory; fix the path",
     )
 

@@ -11,7 +11,7 @@ from typing import Any, Final
 from filelock import FileLock, Timeout
 
 from stacklock.errors import LockError, ManifestError, UsageError
-from stacklock.files.atomic import write_text_atomic
+from stacklock.files.atomic import file_error, write_text_atomic
 from stacklock.files.digest import default_cache_dir
 from stacklock.model.lock import Lock, parse_lock, render_lock
 from stacklock.model.manifest import Manifest, parse_manifest
@@ -61,7 +61,10 @@ def project_lock(lock_path: Path) -> Iterator[None]:
     """
     key = hashlib.sha256(str(lock_path.resolve()).encode()).hexdigest()[:32]
     directory = default_cache_dir() / "runs"
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_error("create the cache directory", directory, exc) from None
     try:
         with FileLock(directory / f"{key}.lock", timeout=WAIT_FOR_OTHER_RUN_S):
             for stale in lock_path.parent.glob(f".{lock_path.name}.*.tmp"):
