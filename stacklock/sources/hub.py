@@ -373,6 +373,15 @@ def read_remote_header(files: tuple[HubFile, ...]) -> RemoteHeader:
             read += want - have
 
 
+def _cached_at_commit(repo: str, revision: str, path: str) -> bool:
+    """Whether a file pinned at a commit is in the hub cache already: then the hub is not asked at all."""
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+
+    if not _COMMIT.match(revision):
+        return False
+    return isinstance(try_to_load_from_cache(repo, path, cache_dir=hub_cache_dir(), revision=revision), str)
+
+
 def download_hub_file(
     repo: str,
     revision: str,
@@ -395,6 +404,9 @@ def download_hub_file(
 
     label = f"{where}: hf://{repo}@{revision}/{path}"
     name = f"fetching hf://{repo}@{revision}/{path}"
+    offline = offline or env_true("HF_HUB_OFFLINE")
+    if not offline and not _cached_at_commit(repo, revision, path):
+        _require_reachable(label, hub_endpoint(endpoint) or "https://huggingface.co")
     with hub_errors(label), step(reporter, name):
         local = Path(
             hf_hub_download(
@@ -404,7 +416,7 @@ def download_hub_file(
                 cache_dir=hub_cache_dir(),
                 # The client reads HF_ENDPOINT and HF_HUB_OFFLINE at import; these are read per call.
                 endpoint=hub_endpoint(endpoint),
-                local_files_only=offline or env_true("HF_HUB_OFFLINE"),
+                local_files_only=offline,
                 etag_timeout=_env_seconds("HF_HUB_ETAG_TIMEOUT", 10),
                 tqdm_class=_download_bar(reporter, name),
             )
