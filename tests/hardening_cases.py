@@ -224,12 +224,13 @@ def _nested_toml(depth: int, name: str) -> Callable[[Path], None]:
     return setup
 
 
-def _locked(path: Path) -> Path:
-    """A locked tiny stack (locked in-process, to save a CLI start); returns the lock's path."""
+def _locked(path: Path, project: Callable[[Path], None] | None = None) -> Path:
+    """A locked stack, the tiny one unless ``project`` writes another (locked in-process, to save a CLI start);
+    returns the lock's path."""
     from stacklock.lock.api import lock_stack  # noqa: PLC0415
     from stacklock.lock.project import write_lock  # noqa: PLC0415
 
-    _project()(path)
+    (project or _project())(path)
     write_lock(path / "llmstack.lock", lock_stack(path / "llmstack.toml"))
     return path / "llmstack.lock"
 
@@ -242,6 +243,32 @@ def _edited_lock(old: str, new: str) -> Callable[[Path], None]:
         text = lock.read_text()
         assert old in text, old
         lock.write_text(text.replace(old, new, 1))
+
+    return setup
+
+
+def _large_kv_cache(path: Path) -> None:
+    """A locked stack whose context needs a 256 GiB KV cache: 2 layers of width 1024, 16M tokens, f32 cache."""
+
+    def project(path: Path) -> None:
+        _tiny(path, n_embd=1024, n_head=1, n_ff=32, file_type=1)
+        text = manifest(backend='cache-type-k = "f32"\ncache-type-v = "f32"\n')
+        (path / "llmstack.toml").write_text(text.replace("context-size = 256", "context-size = 16777216"))
+
+    _locked(path, project)
+
+
+def _model_replaced(kind: str) -> Callable[[Path], None]:
+    """A locked tiny stack whose model file became a directory or a link to a device."""
+
+    def setup(path: Path) -> None:
+        _locked(path)
+        model = path / "tiny.gguf"
+        model.unlink()
+        if kind == "directory":
+            model.mkdir()
+        else:
+            model.symlink_to(kind)
 
     return setup
 
@@ -280,6 +307,9 @@ def _replaced(old: str, new: str) -> Callable[[Path], None]:
 
     return setup
 
+
+CATASTROPHIC_REGEX = "^(?:.|.)*(?!)"
+"""Never matches, and tries every split of the text between two alternatives: 2^n steps on n characters."""
 
 _HF_CLOSED = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
 
@@ -458,6 +488,51 @@ CASES: tuple[Case, ...] = (
         _replaced("temperature = 0.0", "temperature = nan"),
         ("lock",),
         needle="finite",
+    ),
+    Case(
+        "engine",
+        "kv-cache-256-gib-verify",
+        _large_kv_cache,
+        ("verify",),
+        codes=frozenset({3}),
+        needle="KV cache",
+    ),
+    Case(
+        "engine",
+        "kv-cache-256-gib-record",
+        _large_kv_cache,
+        ("record",),
+        codes=frozenset({3}),
+        needle="KV cache",
+    ),
+    Case(
+        "template",
+        "locked-template-no-longer-compiles-record",
+        _edited_lock("{% for m in messages %}", "{% break %}{% for m in messages %}"),
+        ("record",),
+        needle="does not compile ('break' outside loop)",
+    ),
+    *(
+        Case("files", f"model-is-{label}-{command}", _model_replaced(kind), (command,), needle=needle)
+        for label, kind, needle in (
+            ("a-directory", "directory", "regular file"),
+            ("dev-zero", "/dev/zero", "never reads it"),
+        )
+        for command in ("verify", "record")
+    ),
+    Case(
+        "manifest",
+        "catastrophic-expect-regex-record",
+        lambda p: _locked(
+            p,
+            _project(
+                smoke='\n[[smoke]]\nname = "long"\nprompt = "Once"\nmax-tokens = 32\n'
+                f"expect = {{ regex = '{CATASTROPHIC_REGEX}' }}\n"
+            ),
+        ),
+        ("record",),
+        codes=frozenset({0}),
+        engine=True,
     ),
     *(
         Case("lock", f"lock-{label}", _edited_lock(old, new), ("verify",), needle=needle)

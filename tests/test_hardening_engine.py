@@ -28,7 +28,7 @@ from stacklock.model.pattern import SEARCH_TIMEOUT_S
 from stacklock.rules.predicates import evaluate, parse_rule
 from stacklock.verify.compare import expectation_failure
 from tests.gguf_builder import VT, TypedValue, build_tiny_gguf, gemma_model_path
-from tests.hardening_cases import MEMORY_LIMIT_MB, Outcome, baseline_rss_mb, measure
+from tests.hardening_cases import CATASTROPHIC_REGEX, MEMORY_LIMIT_MB, Outcome, baseline_rss_mb, measure
 from tests.test_certify_cli import _project
 
 pytest.importorskip("llama_cpp", reason="the 'llama' extra (llama-cpp-python) is not installed")
@@ -37,8 +37,6 @@ pytestmark = pytest.mark.engine
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "gemma3-270m"
 GEMMA = "models/gemma-3-270m-q4_k_m.gguf"
-CATASTROPHIC = "^(?:.|.)*(?!)"
-"""Never matches, and tries every way of splitting the text between two alternatives: 2^n steps for n chars."""
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +200,7 @@ def test_a_catastrophic_expectation_regex_is_a_failed_expectation_not_a_hang() -
 def test_a_registry_rule_whose_regex_never_ends_is_one_line() -> None:
     text = (
         'id = "slow"\ntitle = "t"\nseverity = "warning"\nlinks = ["model"]\nexplanation = "e"\nfix = "f"\n'
-        f'references = ["a/b#1"]\n[when]\nfact = "gguf.general.name"\nregex = "{CATASTROPHIC}"\n'
+        f'references = ["a/b#1"]\n[when]\nfact = "gguf.general.name"\nregex = "{CATASTROPHIC_REGEX}"\n'
     )
     rule = parse_rule(text, "rules/slow.toml")
     start = time.monotonic()
@@ -210,7 +208,7 @@ def test_a_registry_rule_whose_regex_never_ends_is_one_line() -> None:
         evaluate([rule], {"gguf.general.name": "x" * 60})
     assert time.monotonic() - start < SEARCH_TIMEOUT_S + 2
     assert info.value.one_line().startswith(
-        f"rule 'slow': the regular expression '{CATASTROPHIC}' did not finish"
+        f"rule 'slow': the regular expression '{CATASTROPHIC_REGEX}' did not finish"
     )
     assert info.value.exit_code == 2
 
@@ -220,7 +218,7 @@ def test_record_and_verify_bound_a_catastrophic_smoke_regex(tmp_path: Path) -> N
     manifest = project / "llmstack.toml"
     manifest.write_text(
         manifest.read_text() + f'\n[[smoke]]\nname = "long"\nprompt = "Once"\nmax-tokens = 32\n'
-        f"expect = {{ regex = '{CATASTROPHIC}' }}\n"
+        f"expect = {{ regex = '{CATASTROPHIC_REGEX}' }}\n"
     )
     assert measure(("lock",), project).code == 0
     record = measure(("record",), project)
@@ -228,7 +226,7 @@ def test_record_and_verify_bound_a_catastrophic_smoke_regex(tmp_path: Path) -> N
     assert not record.traceback, record.stderr
     assert record.code == 0, record.stderr
     assert (
-        f"warning: smoke 'long': the regular expression '{CATASTROPHIC}' did not finish within"
+        f"warning: smoke 'long': the regular expression '{CATASTROPHIC_REGEX}' did not finish within"
         in record.stderr
     )
     start = time.monotonic()
@@ -238,7 +236,7 @@ def test_record_and_verify_bound_a_catastrophic_smoke_regex(tmp_path: Path) -> N
     assert code == 1
     output = _stage(report, "long", "output")
     assert output["status"] == "fail"
-    assert output["detail"].startswith(f"the regular expression '{CATASTROPHIC}' did not finish within")
+    assert output["detail"].startswith(f"the regular expression '{CATASTROPHIC_REGEX}' did not finish within")
 
 
 # -- verify on a lock whose template no longer compiles ---------------------------------------------------
