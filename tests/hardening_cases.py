@@ -273,10 +273,19 @@ def _model_replaced(kind: str) -> Callable[[Path], None]:
     return setup
 
 
-def _golden_tokens(count: int) -> Callable[[Path], None]:
+def _catastrophic_regex(path: Path) -> None:
+    """A locked tiny stack with a smoke prompt of 32 tokens whose expect.regex backtracks catastrophically."""
+    smoke = (
+        '\n[[smoke]]\nname = "long"\nprompt = "Once"\nmax-tokens = 32\n'
+        f"expect = {{ regex = '{CATASTROPHIC_REGEX}' }}\n"
+    )
+    _locked(path, _project(smoke=smoke))
+
+
+def _golden_tokens(count: int, logprob: str = "-0.1") -> Callable[[Path], None]:
     def setup(path: Path) -> None:
         tokens = ", ".join(["5"] * count)
-        logprobs = ", ".join(["[[5, -0.1]]"] * count)
+        logprobs = ", ".join([f"[[5, {logprob}]]"] * count)
         golden = (
             "\n[smoke.golden]\nprompt-token-count = 1\nprompt-tokens-sha256 = "
             f'"{"0" * 64}"\ntokens = [{tokens}]\ntop-logprobs = [{logprobs}]\ntext = "x"\n'
@@ -472,6 +481,7 @@ CASES: tuple[Case, ...] = (
         needle="sampler.stop",
     ),
     Case("lock", "100000-golden-tokens", _golden_tokens(100_000), ("lock",), codes=frozenset({0})),
+    Case("lock", "golden-logprob-nan", _golden_tokens(1, "nan"), ("verify",), needle="finite"),
     Case(
         "manifest",
         "context-size-2-pow-40",
@@ -507,6 +517,13 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "template",
+        "1mb-template-with-tabs",
+        _template("{# " + "a\t" * 500_000 + " #}" + CHATML),
+        ("lock",),
+        codes=frozenset({0, 1, 2}),
+    ),
+    Case(
+        "template",
         "locked-template-no-longer-compiles-record",
         _edited_lock("{% for m in messages %}", "{% break %}{% for m in messages %}"),
         ("record",),
@@ -523,13 +540,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "manifest",
         "catastrophic-expect-regex-record",
-        lambda p: _locked(
-            p,
-            _project(
-                smoke='\n[[smoke]]\nname = "long"\nprompt = "Once"\nmax-tokens = 32\n'
-                f"expect = {{ regex = '{CATASTROPHIC_REGEX}' }}\n"
-            ),
-        ),
+        _catastrophic_regex,
         ("record",),
         codes=frozenset({0}),
         engine=True,
@@ -543,6 +554,8 @@ CASES: tuple[Case, ...] = (
             ("temperature-negative", "temperature = 0.0", "temperature = -1.0", "temperature"),
             ("seed-2-pow-64", "seed = 1", "seed = 18446744073709551615", "seed"),
             ("lock-version-string", "lock-version = 1", 'lock-version = "1"', "lock-version"),
+            ("top-p-2", "top-p = 0.95", "top-p = 2.0", "top-p"),
+            ("mirostat-tau-inf", "mirostat-tau = 5.0", "mirostat-tau = inf", "finite"),
         )
     ),
 )
