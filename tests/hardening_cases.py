@@ -258,6 +258,23 @@ def _large_kv_cache(path: Path) -> None:
     _locked(path, project)
 
 
+def _nan_weights(path: Path) -> None:
+    """A locked tiny stack whose every weight is NaN (F32 tensors: the data region is NaN floats)."""
+
+    def project(path: Path) -> None:
+        from stacklock.gguf.reader import read_gguf  # noqa: PLC0415
+
+        _project()(path)
+        model = path / "tiny.gguf"
+        start = read_gguf(model).data_offset
+        data = bytearray(model.read_bytes())
+        count = (len(data) - start) // 4
+        data[start : start + 4 * count] = struct.pack("<f", float("nan")) * count
+        model.write_bytes(bytes(data))
+
+    _locked(path, project)
+
+
 def _model_replaced(kind: str) -> Callable[[Path], None]:
     """A locked tiny stack whose model file became a directory or a link to a device."""
 
@@ -514,6 +531,27 @@ CASES: tuple[Case, ...] = (
         ("record",),
         codes=frozenset({3}),
         needle="KV cache",
+    ),
+    *(
+        Case(
+            "engine",
+            f"all-nan-weights-{command}",
+            _nan_weights,
+            (command,),
+            codes=frozenset({3}),
+            needle="finite",
+        )
+        for command in ("record", "verify")
+    ),
+    Case(
+        "template",
+        "1gb-of-strings-built-in-a-loop",
+        _template(
+            "{% set ns = namespace(l=[]) %}{% for i in range(1000) %}"
+            "{% set ns.l = ns.l + [('x' * 999990) ~ i] %}{% endfor %}{{ ns.l | length }}"
+        ),
+        ("lock",),
+        needle="out of memory",
     ),
     Case(
         "template",

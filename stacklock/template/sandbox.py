@@ -831,7 +831,8 @@ def _translate(error: Exception, label: str, limits: RenderLimits) -> TemplateEr
             hint="the template recurses without end; check its macros and recursive loops",
         )
     if isinstance(error, MemoryError):
-        return TemplateError(
+        # The worker's memory cap, a bound like the time limit: every probe's render would reach it again.
+        return RenderLimitError(
             f"{label}: out of memory",
             hint="the template builds a runaway value; check its loops and arithmetic",
         )
