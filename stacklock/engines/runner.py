@@ -33,7 +33,8 @@ from pydantic import ValidationError
 
 from stacklock import errors
 from stacklock.engines.base import EngineIdentity, Observation, observe
-from stacklock.engines.plugins import load_engine
+from stacklock.engines.memory import check_kv_cache_fits
+from stacklock.engines.plugins import adapter_info, load_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 
@@ -136,6 +137,10 @@ class EngineSession:
         prompt 'capital'").
         """
         limit = _timeout() if timeout is None else timeout or None
+        info = adapter_info(engine)
+        if info is None or not info.capabilities.served:
+            # A model loaded on this machine: a KV cache larger than its memory must not reach the allocator.
+            check_kv_cache_fits(model_path, backend)
         # Forking is fast but only safe in a single-threaded process: a parent that already ran an engine holds
         # its thread pool (OpenMP), which the child inherits broken and waits on forever.
         fork = sys.platform.startswith("linux") and _single_threaded()

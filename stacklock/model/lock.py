@@ -21,7 +21,7 @@ from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 from stacklock.model.findings import Allowance, Finding, RegistryPin
 from stacklock.model.manifest import MAX_NEW_TOKENS, Expectation, Message, Stack
 from stacklock.model.tokenizer import TokenizerFingerprint
-from stacklock.model.toml import parse_toml, validate
+from stacklock.model.toml import escape_basic_string, parse_toml, validate
 
 LOCK_NAME = "llmstack.lock"
 LOCK_VERSION = 1
@@ -89,7 +89,11 @@ class ModelPin(Model):
     name: str | None = Field(default=None, description="general.name.")
     parameter_count: int = Field(description="Total elements over all tensors.")
     quantization: str = Field(description="The file type (general.file_type) or the dominant tensor type.")
-    tensor_types: dict[str, int] = Field(description="How many tensors of each type the file holds.")
+    tensor_types: dict[str, int] = Field(
+        # A lock leaves empty tables out: a GGUF without tensors must still read back.
+        default_factory=dict,
+        description="How many tensors of each type the file holds.",
+    )
     context_length: int | None = Field(default=None, description="The trained context length.")
     chat_template_sha256: str | None = Field(
         default=None,
@@ -370,8 +374,11 @@ def _item(value: Any) -> Any:
     import tomlkit  # noqa: PLC0415
     from tomlkit.items import Array, Trivia  # noqa: PLC0415
 
-    if isinstance(value, str) and "\n" in value:
-        return tomlkit.string(value, multiline=True)
+    if isinstance(value, str):
+        multiline = "\n" in value
+        return tomlkit.string(
+            escape_basic_string(value, multiline=multiline), multiline=multiline, escape=False
+        )
     if isinstance(value, list):
         if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
             # Built in one call: Array.append re-indexes the whole array, quadratic in a 100,000-token golden.

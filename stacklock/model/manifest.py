@@ -17,6 +17,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from stacklock.errors import ManifestError
 from stacklock.model.base import Model
 from stacklock.model.findings import RegistrySource
+from stacklock.model.pattern import compile_pattern
 from stacklock.model.toml import parse_toml, validate
 
 MANIFEST_NAME = "llmstack.toml"
@@ -213,13 +214,7 @@ class Expectation(Model):
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except (OverflowError, RecursionError) as exc:
-                # A repetition count beyond the engine's limit ('a{4294967296}'), or nesting beyond the stack.
-                raise ValueError(f"invalid regular expression: {exc}") from None
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
+            compile_pattern(value)
         return value
 
 

@@ -13,7 +13,6 @@ the report names the first failure.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -23,6 +22,7 @@ from stacklock.engines.base import EngineIdentity, Generation, Observation, Stop
 from stacklock.files.digest import sha256_text
 from stacklock.model.base import Model
 from stacklock.model.lock import Recording, SmokeGolden
+from stacklock.model.pattern import PatternTimeoutError, compile_pattern, search_pattern
 
 if TYPE_CHECKING:
     from stacklock.model.manifest import Expectation
@@ -560,8 +560,13 @@ def expectation_failure(expectation: Expectation | None, text: str) -> str | Non
         return f"the output does not equal the expected {expectation.equals!r}"
     if expectation.contains is not None and expectation.contains not in text:
         return f"the output does not contain {expectation.contains!r}"
-    if expectation.regex is not None and re.search(expectation.regex, text) is None:
-        return f"the output does not match the regular expression {expectation.regex!r}"
+    if expectation.regex is not None:
+        try:
+            found = search_pattern(compile_pattern(expectation.regex), text)
+        except PatternTimeoutError as exc:
+            return str(exc)
+        if not found:
+            return f"the output does not match the regular expression {expectation.regex!r}"
     return None
 
 

@@ -247,7 +247,7 @@ def _artifacts(
     expected = {lock.model.path: lock.model.sha256} | {p.path: p.sha256 for p in lock.model.parts}
     observed: dict[str, str | None] = {}
     for label, path in model_files(lock, base, download=download).items():
-        observed[label] = None if path is None else cache.sha256(path, reporter=reporter)
+        observed[label] = None if path is None else _sha256_readable(label, path, cache, reporter)
     changes: tuple[str, ...] = ()
     diff = None
     model_path = locate(lock.model.path, base)
@@ -255,6 +255,20 @@ def _artifacts(
         changes, diff = _explain_model(lock, model_path, cache)
     cache.save()
     return compare_artifacts(expected, observed, changes=changes, diff=diff)
+
+
+def _sha256_readable(label: str, path: Path, cache: HashCache, reporter: Reporter) -> str:
+    """The file's sha256; a file this process cannot read is one line (exit 2), before any engine tries."""
+    try:
+        # A cached digest reads nothing, and the engine must read the file: opening it proves it can.
+        with path.open("rb"):
+            pass
+        return cache.sha256(path, reporter=reporter)
+    except OSError as exc:
+        raise errors.SourceError(
+            f"model.path in the lock: {label}: cannot read it ({exc.strerror or exc})",
+            hint="make the file readable by this user, or put the locked file back",
+        ) from None
 
 
 def _explain_model(lock: Lock, path: Path, cache: HashCache) -> tuple[tuple[str, ...], str | None]:
