@@ -83,6 +83,14 @@ def init(
     _note(f"wrote {manifest}; next: stacklock lock")
 
 
+EndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint", help="A served engine's URL, e.g. http://127.0.0.1:8080 (overrides engine.endpoint)."
+    ),
+]
+
+
 @app.command()
 def lock(
     manifest: ManifestOption = DEFAULT_MANIFEST,
@@ -101,6 +109,7 @@ def lock(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only cached registries and models.")
     ] = False,
+    endpoint: EndpointOption = None,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
     from stacklock.errors import LockError  # noqa: PLC0415
@@ -136,6 +145,7 @@ def lock(
         use_cache=not no_cache,
         progress=TerminalProgress(),
         offline=offline,
+        endpoint=endpoint,
     )
     new = merge_goldens(new, previous)
     changed = write_lock(lock_path, new)
@@ -168,13 +178,14 @@ def inspect(
 def record(
     manifest: ManifestOption = DEFAULT_MANIFEST,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=50, help="Alternatives stored per token.")] = 5,
+    endpoint: EndpointOption = None,
 ) -> None:
     """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
     from stacklock.verify.compare import expectation_failure  # noqa: PLC0415
     from stacklock.verify.session import record as record_goldens  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
-    recorded = record_goldens(lock_path, top_k=top_k)
+    recorded = record_goldens(lock_path, top_k=top_k, endpoint=endpoint)
     for pin in recorded.smoke:
         assert pin.golden is not None
         _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
@@ -206,6 +217,7 @@ def verify(
             help="Accept a divergence at a near-tie: the golden token is in the top-k and within this logprob gap.",
         ),
     ] = None,
+    endpoint: EndpointOption = None,
 ) -> None:
     """Re-run the smoke prompts and certify that the locked stack reproduces; name the stage that broke."""
     from stacklock.files.atomic import write_text_atomic  # noqa: PLC0415
@@ -221,7 +233,9 @@ def verify(
         # Fail before the engine runs, not after, when the certificate cannot be written.
         certificate.parent.mkdir(parents=True, exist_ok=True)
     lock_path = _lock_path(manifest)
-    report = verify_stack(lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance))
+    report = verify_stack(
+        lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance), endpoint=endpoint
+    )
     _echo(render(report, fmt.value).rstrip("\n"))
     if certificate is not None:
         from stacklock.lock.project import read_lock  # noqa: PLC0415

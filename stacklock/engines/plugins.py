@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "stacklock.engines"
 # never installed (no distribution metadata, hence no entry points); it must mirror pyproject.toml.
 _BUILTIN_ENGINES: dict[str, str] = {
     "llama-cpp-python": "stacklock.engines.llama_cpp:LlamaCppEngine",
+    "llama-server": "stacklock.engines.llama_server:LlamaServerEngine",
 }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from stacklock.errors import RuleViolation
+from stacklock.engines.served import is_served, open_served, served_pin
+from stacklock.errors import EngineError, RuleViolation, UsageError
 from stacklock.files.digest import HashProgress
 from stacklock.lock.load import load_inputs
 from stacklock.lock.resolve import resolve
@@ -23,7 +24,9 @@ def lock_stack(
     use_cache: bool = True,
     progress: HashProgress | None = None,
     offline: bool = False,
+    endpoint: str | None = None,
 ) -> Lock:
+    """Resolve the manifest into a lock; a served engine is asked what it serves (``endpoint`` overrides)."""
     inputs = load_inputs(manifest_path, use_cache=use_cache, progress=progress, offline=offline)
     resolution = resolve(inputs, allow, carried)
     if resolution.blocking:
@@ -33,7 +36,28 @@ def lock_stack(
             f"rule {first.rule}: {first.title}{more}",
             hint=f"{first.fix} — or accept it with --allow {first.rule} --reason TEXT",
         )
-    return resolution.lock
+    return pin_served(resolution.lock, endpoint)
+
+
+def pin_served(lock: Lock, endpoint: str | None) -> Lock:
+    """Pin what a served engine says about itself: its build (it must be the locked one), model and defaults."""
+    engine = lock.engine
+    if not is_served(engine.name):
+        if endpoint is not None:
+            raise UsageError(
+                f"--endpoint is for served engines; {engine.name} runs in process",
+                hint="drop --endpoint, or set engine.name to a served engine (llama-server...)",
+            )
+        return lock
+    url = endpoint or engine.endpoint
+    served = open_served(engine.name, url, engine.api_key_env)
+    version = served.identity().version
+    if version != engine.version:
+        raise EngineError(
+            f"engine.version: the {engine.name} at {url} runs {version}, not '{engine.requirement}'",
+            hint="point --endpoint at a server of that build, or change engine.version in llmstack.toml",
+        )
+    return lock.model_copy(update={"engine": engine.model_copy(update={"served": served_pin(served)})})
 
 
 def merge_goldens(new: Lock, previous: Lock | None) -> Lock:

@@ -39,6 +39,10 @@ def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -
     if changed:
         raise StaleLockError(f"{lock_path} is stale: {changed[0]}", hint="run `stacklock lock` to re-pin")
     fresh = resolve(inputs, carried=locked.allowances).lock
+    # What a served engine said at lock time is not an input; the server is not asked again here.
+    fresh = fresh.model_copy(
+        update={"engine": fresh.engine.model_copy(update={"served": locked.engine.served})}
+    )
     difference = first_difference(locked.pins(), fresh.pins())
     if difference is not None:
         where, old, new = difference

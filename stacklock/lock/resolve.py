@@ -131,7 +131,14 @@ def _engine_pin(manifest: Manifest, installed: str | None, tables: EngineTables)
                 f"engine.version: '{requirement or '(any)'}' does not name one {spec.name} build",
                 hint="stacklock cannot see an installed llama.cpp; pin one build, e.g. version = '==b4628'",
             )
-        return EnginePin(name=spec.name, requirement=requirement, version=f"b{build}", build=build)
+        return EnginePin(
+            name=spec.name,
+            requirement=requirement,
+            version=f"b{build}",
+            build=build,
+            endpoint=spec.endpoint,
+            api_key_env=spec.api_key_env,
+        )
     if installed is not None:
         if requirement and not SpecifierSet(requirement).contains(installed, prereleases=True):
             raise EngineError(
@@ -152,6 +159,8 @@ def _engine_pin(manifest: Manifest, installed: str | None, tables: EngineTables)
         requirement=requirement,
         version=version,
         build=vendored_build(spec.name, version, tables),
+        endpoint=spec.endpoint,
+        api_key_env=spec.api_key_env,
     )
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from stacklock import errors
 from stacklock.engines.machine import current_environment, installed_engine_version
-from stacklock.engines.runner import Job, run_engine
+from stacklock.engines.runner import EngineRun, Job, run_engine
+from stacklock.engines.served import ServedEngine, is_served, open_served
 from stacklock.errors import EngineError, StacklockError
 from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
@@ -36,6 +37,7 @@ from stacklock.verify.compare import (
     skipped,
     smoke_result,
 )
+from stacklock.verify.served import run_served, served_artifacts
 
 
 def check_engine(lock: Lock) -> None:
@@ -84,7 +86,7 @@ def _job(lock: Lock, pin: SmokePin) -> Job:
     return Job(pin.name, rendered, pin.max_tokens, effective_add_bos(pin, rendered, lock.tokenizer))
 
 
-def record(lock_path: Path, *, top_k: int = 5) -> Lock:
+def record(lock_path: Path, *, top_k: int = 5, endpoint: str | None = None) -> Lock:
     """Run every smoke prompt and store its golden in the lock (written atomically)."""
     lock = read_lock(lock_path)
     base = lock_path.parent
@@ -93,10 +95,15 @@ def record(lock_path: Path, *, top_k: int = 5) -> Lock:
         raise errors.LockError(
             f"{lock_path}: no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
-    artifacts = _artifacts(lock, base, HashCache())
+    served = _served(lock, endpoint)
+    artifacts = _artifacts(lock, base, HashCache()) if served is None else served_artifacts(lock, served)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
-    run = run_engine(lock, _require_model(lock, base), [_job(lock, p) for p in lock.smoke], top_k=top_k)
+    jobs = [_job(lock, p) for p in lock.smoke]
+    if served is None:
+        run = run_engine(lock, _require_model(lock, base), jobs, top_k=top_k)
+    else:
+        run = run_served(lock, served, jobs, top_k=top_k, from_golden=False)
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
         for pin in lock.smoke
@@ -132,7 +139,29 @@ def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
         return None
 
 
-def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyReport:
+def _served(lock: Lock, endpoint: str | None) -> ServedEngine | None:
+    """The served engine the lock names, at ``endpoint`` or the locked one; None for an in-process engine."""
+    if not is_served(lock.engine.name):
+        if endpoint is not None:
+            raise errors.UsageError(
+                f"--endpoint is for served engines; {lock.engine.name} runs in process",
+                hint="drop --endpoint, or set engine.name to a served engine (llama-server...)",
+            )
+        return None
+    served = open_served(lock.engine.name, endpoint or lock.engine.endpoint, lock.engine.api_key_env)
+    version = served.identity().version
+    if version != lock.engine.version:
+        raise EngineError(
+            f"the {lock.engine.name} at {endpoint or lock.engine.endpoint} runs {version}, not the locked "
+            f"{lock.engine.version}",
+            hint="point --endpoint at a server of the locked build, or re-lock and re-record against this one",
+        )
+    return served
+
+
+def verify(
+    lock_path: Path, *, tolerance: Tolerance | None = None, endpoint: str | None = None
+) -> VerifyReport:
     """Re-run every smoke prompt and compare each stage with the goldens."""
     lock = read_lock(lock_path)
     base = lock_path.parent
@@ -141,6 +170,9 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
             f"{lock_path}: no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
     check_engine(lock)
+    served = _served(lock, endpoint)
+    if served is not None:
+        return _verify_served(lock, served, tolerance)
     artifacts = _artifacts(lock, base, HashCache())
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
@@ -149,6 +181,20 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
         text is not None and lock.template.sha256 is not None and sha256_text(text) != lock.template.sha256
     )
     reference = _reference_template(lock_path.with_name("llmstack.toml"), lock) if edited else None
+    jobs, broken = _jobs(lock)
+    run = run_engine(lock, model_path, jobs, top_k=lock.recording.top_k if lock.recording else 5)
+    report = _report(lock, run, broken, artifacts, reference, tolerance)
+    notes = list(report.notes)
+    if run.builtin is not None:
+        fmt, _ = run.builtin
+        notes.append(
+            f"on its own, {lock.engine.name} would render chats for this model with its '{fmt}' format; "
+            "stacklock renders the locked template instead"
+        )
+    return report.model_copy(update={"notes": tuple(notes)})
+
+
+def _jobs(lock: Lock) -> tuple[list[Job], dict[str, StageResult]]:
     jobs: list[Job] = []
     broken: dict[str, StageResult] = {}
     for pin in lock.smoke:
@@ -157,7 +203,35 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
             jobs.append(_job(lock, pin))
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
-    run = run_engine(lock, model_path, jobs, top_k=lock.recording.top_k if lock.recording else 5)
+    return jobs, broken
+
+
+def _verify_served(lock: Lock, served: ServedEngine, tolerance: Tolerance | None) -> VerifyReport:
+    """Verify through the served engine's own chat path (see :mod:`stacklock.verify.served`)."""
+    artifacts = served_artifacts(lock, served)
+    jobs, broken = _jobs(lock)
+    run = run_served(
+        lock, served, jobs, top_k=lock.recording.top_k if lock.recording else 5, from_golden=True
+    )
+    report = _report(lock, run, broken, artifacts, None, tolerance)
+    unobservable = ", ".join(lock.engine.served.unobservable) if lock.engine.served else ""
+    notes = [*report.notes]
+    if unobservable:
+        notes.append(
+            f"not checked (no {lock.engine.name} endpoint reports them): {unobservable}; pin them where the "
+            "server is started"
+        )
+    return report.model_copy(update={"notes": tuple(notes)})
+
+
+def _report(
+    lock: Lock,
+    run: EngineRun,
+    broken: Mapping[str, StageResult],
+    artifacts: StageResult,
+    reference: str | None,
+    tolerance: Tolerance | None,
+) -> VerifyReport:
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
@@ -185,15 +259,7 @@ def verify(lock_path: Path, *, tolerance: Tolerance | None = None) -> VerifyRepo
             )
         )
     recorded = lock.recording.engine if lock.recording else None
-    report = build_report(results, engine=run.identity, recorded_engine=recorded, tolerance=tolerance)
-    notes = list(report.notes)
-    if run.builtin is not None:
-        fmt, _ = run.builtin
-        notes.append(
-            f"on its own, {lock.engine.name} would render chats for this model with its '{fmt}' format; "
-            "stacklock renders the locked template instead"
-        )
-    return report.model_copy(update={"notes": tuple(notes)})
+    return build_report(results, engine=run.identity, recorded_engine=recorded, tolerance=tolerance)
 
 
 def _decoder(decoded: Mapping[int, str]) -> Any:

@@ -1,0 +1,80 @@
+"""What stacklock asks of a served engine (reached over HTTP at an endpoint), and how it finds one."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from stacklock.engines.http import ServedSettings
+from stacklock.engines.plugins import adapter_class
+from stacklock.errors import EngineError
+from stacklock.files.digest import sha256_text
+from stacklock.model.lock import ServedPin
+
+if TYPE_CHECKING:
+    from stacklock.engines.base import EngineIdentity, LoadedModel
+
+__all__ = ["UNOBSERVABLE", "ServedEngine", "is_served", "open_served", "served_pin"]
+
+
+@runtime_checkable
+class ServedEngine(Protocol):
+    """What stacklock asks of a served engine beyond the Engine protocol: what it serves, and its defaults."""
+
+    def identity(self) -> EngineIdentity: ...
+    def served_model(self) -> dict[str, Any]: ...
+    def chat_template(self) -> str | None: ...
+    def sampler_defaults(self) -> dict[str, Any]: ...
+    def load(self, model_path: Any, backend: Any) -> LoadedModel: ...
+
+
+#: Backend options a served engine applies but no endpoint reports.
+UNOBSERVABLE = (
+    "backend.flash-attention",
+    "backend.cache-type-k",
+    "backend.cache-type-v",
+    "backend.gpu-layers",
+    "backend.threads",
+    "backend.batch-size",
+    "the server's --swa-full",
+)
+
+
+def is_served(engine_name: str) -> bool:
+    """Whether the engine registered as ``engine_name`` is reached over HTTP."""
+    return adapter_class(engine_name).info.capabilities.served
+
+
+def open_served(
+    engine_name: str, endpoint: str | None, api_key_env: str | None, *, timeout: float | None = None
+) -> ServedEngine:
+    """The served engine's adapter, pointed at its endpoint (``--endpoint`` wins over the manifest's)."""
+    if not endpoint:
+        raise EngineError(
+            f"{engine_name} is a served engine and no endpoint is set",
+            hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
+        )
+    settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env)
+    if timeout is not None:
+        settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env, timeout=timeout)
+    # A served adapter is constructed with its endpoint settings, which the Engine protocol does not declare.
+    cls: Any = adapter_class(engine_name)
+    engine = cls(settings)
+    if not isinstance(engine, ServedEngine):
+        raise EngineError(
+            f"engine {engine_name!r} declares itself served but lacks what stacklock asks of a served engine",
+            hint="upgrade the package that provides it",
+        )
+    return engine
+
+
+def served_pin(engine: ServedEngine) -> ServedPin:
+    """What the served engine says about itself, for the lock."""
+    template = engine.chat_template()
+    identity = engine.identity()
+    return ServedPin(
+        build=identity.build or identity.version,
+        model=engine.served_model(),
+        chat_template_sha256=None if template is None else sha256_text(template),
+        sampler_defaults=engine.sampler_defaults(),
+        unobservable=UNOBSERVABLE,
+    )

@@ -1,0 +1,148 @@
+"""Record and verify through a served engine (llama-server...): over HTTP, in this process.
+
+A served engine already runs out of process, so no child process is needed. Verify goes through the
+engine's own chat path: the template stage compares the server's own rendering of each chat with the locked
+render, the tokenization stage the server's tokenization of the locked render with the golden tokens, and
+generation then runs from the locked token ids, so an engine-numerics difference is told apart from a
+template or tokenizer difference.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stacklock.engines.base import Observation, observe, sha256_tokens
+from stacklock.engines.runner import EngineRun
+from stacklock.files.digest import sha256_text
+from stacklock.verify.compare import StageResult
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from stacklock.engines.base import LoadedModel
+    from stacklock.engines.runner import Job
+    from stacklock.engines.served import ServedEngine
+    from stacklock.model.lock import Lock
+
+__all__ = ["run_served", "served_artifacts"]
+
+
+def run_served(
+    lock: Lock, engine: ServedEngine, jobs: Sequence[Job], *, top_k: int, from_golden: bool
+) -> EngineRun:
+    """Observe every job on the served engine; with ``from_golden``, through the engine's own chat path."""
+    loaded = engine.load(None, lock.backend)
+    try:
+        observations: dict[str, Observation] = {}
+        decoded: dict[int, str] = {}
+        pins = {pin.name: pin for pin in lock.smoke}
+        for job in jobs:
+            pin = pins[job.name]
+            golden = pin.golden if from_golden else None
+            if golden is None or golden.prompt_tokens is None:
+                seen = observe(
+                    loaded,
+                    job.rendered,
+                    add_bos=job.add_bos,
+                    sampler=lock.sampler,
+                    max_tokens=job.max_tokens,
+                    stop=lock.sampler.stop,
+                    top_k=top_k,
+                )
+            else:
+                seen = _through_chat_path(lock, loaded, job, golden.prompt_tokens, top_k=top_k)
+            observations[job.name] = seen
+            wanted = {*seen.generation.prompt_tokens, *seen.generation.tokens}
+            wanted |= {t for step in seen.generation.steps for t, _ in step.top}
+            if pin.golden is not None:
+                wanted |= {*pin.golden.tokens, *(t for step in pin.golden.top_logprobs for t, _ in step)}
+            vocab = lock.tokenizer.vocab_size
+            decoded.update(
+                {t: loaded.detokenize([t], special=True) for t in wanted - decoded.keys() if 0 <= t < vocab}
+            )
+        identity = loaded.identity()
+    finally:
+        loaded.close()
+    return EngineRun(identity=identity, builtin=None, observations=observations, decoded=decoded)
+
+
+def _through_chat_path(
+    lock: Lock, loaded: LoadedModel, job: Job, locked_tokens: Sequence[int], *, top_k: int
+) -> Observation:
+    pin = next(p for p in lock.smoke if p.name == job.name)
+    rendered = job.rendered
+    if pin.kind == "chat" and pin.messages:
+        own = loaded.builtin_chat_render([m.model_dump() for m in pin.messages])
+        if own is not None:
+            rendered = _with_bos(own[1], job.rendered, lock)
+    tokens = loaded.tokenize(job.rendered, add_bos=job.add_bos, parse_special=True)
+    generation = loaded.generate(
+        locked_tokens,
+        sampler=lock.sampler,
+        max_tokens=job.max_tokens,
+        stop=lock.sampler.stop,
+        top_k_logprobs=top_k,
+    )
+    # The tokenization stage compares what the engine makes of the locked render; generation ran from the
+    # locked ids whatever it made of it, so a tokenizer difference is not also reported as a numerics one.
+    same = sha256_tokens(tokens) == sha256_tokens(locked_tokens)
+    observed = generation if same else generation.model_copy(update={"prompt_tokens": tokens})
+    return Observation(
+        rendered=rendered, rendered_sha256=sha256_text(rendered), generation=observed, top_k=top_k
+    )
+
+
+def _with_bos(own: str, locked: str, lock: Lock) -> str:
+    """llama.cpp strips a leading BOS from its render when its tokenizer adds one; put it back to compare."""
+    bos = lock.tokenizer.bos_text
+    if bos and locked.startswith(bos) and not own.startswith(bos) and lock.tokenizer.add_bos is not False:
+        return bos + own
+    return own
+
+
+def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
+    """The artifacts stage of a served stack: the model the server has loaded, and its defaults, against the lock.
+
+    The server, not stacklock, reads the model file, so its hash cannot be checked here; what the server says
+    about the model (vocabulary size, parameter count, trained context) must match the locked GGUF header, and
+    everything it said at lock time (its loaded model, its default sampler settings) must still hold.
+    """
+    model = engine.served_model()
+    expected: dict[str, Any] = {
+        "vocab-size": lock.tokenizer.vocab_size,
+        "parameter-count": lock.model.parameter_count,
+        "context-length": lock.model.context_length,
+    }
+    if lock.engine.served is not None:
+        expected |= {k: v for k, v in lock.engine.served.model.items() if k != "path"}
+    wrong = [
+        f"{key} {model.get(key)!r} (locked {value!r})"
+        for key, value in expected.items()
+        if value is not None and model.get(key) is not None and model.get(key) != value
+    ]
+    if wrong:
+        return StageResult(
+            stage="artifacts",
+            status="fail",
+            detail=f"the server has another model loaded than the lock's {lock.model.path}: {', '.join(wrong)}",
+        )
+    if lock.engine.served is not None:
+        defaults = engine.sampler_defaults()
+        changed = [
+            f"{key} {defaults.get(key)!r} (locked {value!r})"
+            for key, value in lock.engine.served.sampler_defaults.items()
+            if defaults.get(key) != value
+        ]
+        if changed:
+            return StageResult(
+                stage="artifacts",
+                status="fail",
+                detail="the server's default sampler settings changed (a client that sets nothing gets "
+                f"them): {', '.join(changed)}",
+            )
+    return StageResult(
+        stage="artifacts",
+        status="pass",
+        detail=f"the server's loaded model matches {lock.model.path} (vocabulary, parameters, context); "
+        "its file hash is not checked (the server reads the file)",
+    )
