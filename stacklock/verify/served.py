@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from stacklock.engines.served import ServedEngine
     from stacklock.model.lock import Lock
 
-__all__ = ["run_served", "served_artifacts"]
+__all__ = ["ANOTHER_MODEL", "run_served", "served_artifacts"]
+
+#: How the artifacts stage of a served stack starts when the server holds another model than the lock's.
+ANOTHER_MODEL = "the server has another model loaded"
 
 
 def run_served(
@@ -124,7 +127,7 @@ def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
         return StageResult(
             stage="artifacts",
             status="fail",
-            detail=f"the server has another model loaded than the lock's {lock.model.path}: {', '.join(wrong)}",
+            detail=f"{ANOTHER_MODEL} than the lock's {lock.model.path}: {', '.join(wrong)}",
         )
     if lock.engine.served is not None:
         defaults = engine.sampler_defaults()

@@ -26,6 +26,7 @@ from stacklock.model.lock import Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
 from stacklock.sources.model import fetch_model, parse_model_source
 from stacklock.verify.compare import (
+    STAGES,
     StageResult,
     Tolerance,
     VerifyReport,
@@ -37,7 +38,7 @@ from stacklock.verify.compare import (
     skipped,
     smoke_result,
 )
-from stacklock.verify.served import run_served, served_artifacts
+from stacklock.verify.served import ANOTHER_MODEL, run_served, served_artifacts
 
 
 def check_engine(lock: Lock) -> None:
@@ -209,6 +210,15 @@ def _jobs(lock: Lock) -> tuple[list[Job], dict[str, StageResult]]:
 def _verify_served(lock: Lock, served: ServedEngine, tolerance: Tolerance | None) -> VerifyReport:
     """Verify through the served engine's own chat path (see :mod:`stacklock.verify.served`)."""
     artifacts = served_artifacts(lock, served)
+    if artifacts.detail.startswith(ANOTHER_MODEL):
+        # Asking a server that holds another model to generate from the locked token ids says nothing (and
+        # ids beyond its vocabulary are refused): the stack is wrong at its first link.
+        reason = ANOTHER_MODEL
+        results = [
+            smoke_result(pin.name, [artifacts, *(skipped(s, reason) for s in STAGES[1:])])
+            for pin in lock.smoke
+        ]
+        return build_report(results, engine=served.identity(), recorded_engine=None, tolerance=tolerance)
     jobs, broken = _jobs(lock)
     run = run_served(
         lock, served, jobs, top_k=lock.recording.top_k if lock.recording else 5, from_golden=True

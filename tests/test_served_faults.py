@@ -1,0 +1,135 @@
+"""Faults of a served engine, over real HTTP on 127.0.0.1: each is one line and exit 3, never a hang."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stacklock.engines.http import ServedClient, ServedSettings
+from stacklock.engines.llama_server import LlamaServerEngine
+from stacklock.errors import EngineError, ExitCode
+from tests.conftest import Result
+from tests.servers import Reply, free_port, replay_server
+
+Cli = Callable[..., Result]
+
+PROPS = {
+    "build_info": "b11434-0123abcd",
+    "model_path": "/models/tiny.gguf",
+    "chat_template": "{{ messages }}",
+    "default_generation_settings": {"n_ctx": 1024, "params": {"temperature": 0.8, "top_k": 40, "seed": -1}},
+}
+
+
+def _client(url: str, **settings: object) -> ServedClient:
+    return ServedClient("llama-server", ServedSettings(endpoint=url, **settings))  # type: ignore[arg-type]
+
+
+def test_connection_refused_is_one_line() -> None:
+    client = _client(f"http://127.0.0.1:{free_port()}", retries=1)
+    with pytest.raises(EngineError) as info:
+        client.get("/props")
+    assert "cannot connect" in info.value.message
+    assert "\n" not in info.value.one_line()
+    assert info.value.exit_code == ExitCode.UNAVAILABLE
+
+
+def test_a_slow_server_times_out_instead_of_hanging() -> None:
+    with replay_server({"GET /props": Reply(PROPS, delay=3)}) as (url, _):
+        client = _client(url, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(EngineError, match=r"timed out .*limit 0\.5 s"):
+            client.get("/props")
+        assert time.monotonic() - started < 2.5
+
+
+def test_5xx_is_retried_with_backoff_then_succeeds() -> None:
+    with replay_server({"GET /props": [Reply({"error": "busy"}, status=503), Reply(PROPS)]}) as (url, replay):
+        assert _client(url)._request("GET", "/props", None)["build_info"] == "b11434-0123abcd"
+    assert [key for key, _ in replay.requests] == ["GET /props", "GET /props"]
+
+
+def test_5xx_that_persists_names_the_status_and_the_body() -> None:
+    with (
+        replay_server({"GET /health": Reply({"error": {"message": "Loading model"}}, status=503)}) as (
+            url,
+            replay,
+        ),
+        pytest.raises(EngineError, match=r"GET /health answered HTTP 503: .*Loading model"),
+    ):
+        _client(url, retries=2).get("/health")
+    assert len(replay.requests) == 3
+
+
+def test_401_names_the_key_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_SERVER_KEY", "wrong")
+    with (
+        replay_server({"GET /props": Reply({"error": "unauthorized"}, status=401)}) as (url, _),
+        pytest.raises(EngineError) as info,
+    ):
+        _client(url, api_key_env="MY_SERVER_KEY").get("/props")
+    assert "refused with HTTP 401" in info.value.message
+    assert info.value.hint == "check the key in MY_SERVER_KEY"
+    assert "wrong" not in info.value.one_line()
+
+
+def test_the_key_is_sent_as_a_bearer_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_SERVER_KEY", "s3cret")
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Authorization"])
+        return httpx.Response(200, json=PROPS)
+
+    # The client is injected: a user's proxies or certificates, here a transport that records the header.
+    injected = httpx.Client(transport=httpx.MockTransport(handler))
+    client = ServedClient(
+        "llama-server", ServedSettings("http://server", api_key_env="MY_SERVER_KEY"), injected
+    )
+    client.get("/props")
+    assert seen == ["Bearer s3cret"]
+
+
+def test_a_missing_key_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ABSENT_KEY", raising=False)
+    with pytest.raises(EngineError, match="the API key variable ABSENT_KEY is not set"):
+        _client("http://127.0.0.1:1", api_key_env="ABSENT_KEY")
+
+
+@pytest.mark.parametrize("raw", [b"<html>proxy error</html>", b'{"build_info": "b1', b""])
+def test_a_body_that_is_not_json_is_one_line(raw: bytes) -> None:
+    with (
+        replay_server({"GET /props": Reply(raw=raw)}) as (url, _),
+        pytest.raises(EngineError, match="answered with a body that is not JSON"),
+    ):
+        _client(url).get("/props")
+
+
+def test_an_answer_of_another_shape_names_the_missing_field() -> None:
+    props = {k: v for k, v in PROPS.items() if k != "build_info"}
+    with replay_server({"GET /health": Reply({"status": "ok"}), "GET /props": Reply(props)}) as (url, _):
+        engine = LlamaServerEngine(ServedSettings(endpoint=url))
+        with pytest.raises(EngineError, match=r"/props: the answer has no \['build_info'\]"):
+            engine.identity()
+
+
+def test_an_endpoint_that_is_not_a_url_is_refused() -> None:
+    with pytest.raises(EngineError, match="is not an http:// or https:// URL"):
+        _client("127.0.0.1:8080")
+
+
+def test_cli_lock_against_a_server_that_is_down_exits_3(tiny_project: Path, cli: Cli) -> None:
+    (tiny_project / "llmstack.toml").write_text(
+        '[stack]\nname = "tiny"\n[model]\nsource = "tiny.gguf"\n[engine]\nname = "llama-server"\nversion = "==b11434"\n'
+        'endpoint = "http://127.0.0.1:9"\n',
+        encoding="utf-8",
+    )
+    result = cli("lock", "--endpoint", f"http://127.0.0.1:{free_port()}", cwd=tiny_project)
+    assert result.code == ExitCode.UNAVAILABLE, result.err
+    assert result.err.startswith("error: llama-server at http://127.0.0.1:")
+    assert "cannot connect" in result.err
+    assert len(result.err.strip().splitlines()) == 1
