@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,36 @@ from tests.conftest import Result
 from tests.servers import Reply, free_port, replay_server
 
 Cli = Callable[..., Result]
+
+
+@dataclass(frozen=True)
+class Greedy:
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class BackendDefaults:
+    kind: str = "cpu"
+    gpu_layers: int | None = None
+    flash_attention: bool | str | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    threads: int | str | None = None
+    batch_size: int | None = None
+    context_size: int | None = None
+
 
 PROPS = {
     "build_info": "b11434-0123abcd",
@@ -133,3 +164,54 @@ def test_cli_lock_against_a_server_that_is_down_exits_3(tiny_project: Path, cli:
     assert result.err.startswith("error: llama-server at http://127.0.0.1:")
     assert "cannot connect" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_llama_server_requests_and_answers_of_the_documented_shapes() -> None:
+    completion = {
+        "content": " Paris",
+        "tokens": [9079],
+        "stop_type": "limit",
+        "completion_probabilities": [
+            {
+                "id": 9079,
+                "token": " Paris",
+                "logprob": -0.1,
+                "bytes": [32, 80],
+                "top_logprobs": [
+                    {"id": 9079, "token": " Paris", "logprob": -0.1, "bytes": [32]},
+                    {"id": 17, "token": " the", "logprob": -2.5, "bytes": [32]},
+                ],
+            }
+        ],
+    }
+    routes = {
+        "GET /health": Reply({"status": "ok"}),
+        "GET /props": Reply(PROPS),
+        "POST /completion": Reply(completion),
+        "POST /tokenize": Reply({"tokens": [2, 10, 11]}),
+        "POST /apply-template": Reply({"prompt": "<start_of_turn>user\nHi<end_of_turn>\n"}),
+    }
+    with replay_server(routes) as (url, replay):
+        engine = LlamaServerEngine(ServedSettings(endpoint=url))
+        assert engine.identity().version == "b11434"
+        loaded = engine.load(Path("unused.gguf"), BackendDefaults())
+        assert loaded.tokenize("Hi", add_bos=True, parse_special=True) == (2, 10, 11)
+        generation = loaded.generate(
+            [2, 10, 11], sampler=Greedy(), max_tokens=1, stop=["\n"], top_k_logprobs=2
+        )
+        assert loaded.builtin_chat_render([{"role": "user", "content": "Hi"}]) == (
+            "server",
+            "<start_of_turn>user\nHi<end_of_turn>\n",
+        )
+    assert generation.tokens == (9079,)
+    assert generation.steps[0].top == ((9079, -0.1), (17, -2.5))
+    assert generation.stop_reason == "max-tokens"
+    bodies = dict(replay.requests)
+    assert bodies["POST /tokenize"] == {"content": "Hi", "add_special": True, "parse_special": True}
+    sent = bodies["POST /completion"]
+    assert sent["prompt"] == [2, 10, 11]
+    assert sent["cache_prompt"] is False
+    assert sent["n_probs"] == 2
+    assert sent["temperature"] == 0.0
+    assert sent["seed"] == 0
+    assert {"top_k", "top_p", "min_p", "repeat_penalty", "mirostat"} <= set(sent)

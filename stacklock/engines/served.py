@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from stacklock.engines.http import ServedSettings
-from stacklock.engines.plugins import adapter_class
+from stacklock.engines.plugins import adapter_class, adapter_info
 from stacklock.errors import EngineError
 from stacklock.files.digest import sha256_text
 from stacklock.model.lock import ServedPin
@@ -40,8 +40,9 @@ UNOBSERVABLE = (
 
 
 def is_served(engine_name: str) -> bool:
-    """Whether the engine registered as ``engine_name`` is reached over HTTP."""
-    return adapter_class(engine_name).info.capabilities.served
+    """Whether the engine registered as ``engine_name`` is reached over HTTP (an unregistered one is not)."""
+    info = adapter_info(engine_name)
+    return info is not None and info.capabilities.served
 
 
 def open_served(
