@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from stacklock.lock.api import lock_stack  # noqa: E402
 from stacklock.lock.project import read_lock, write_lock  # noqa: E402
+from stacklock.model.lock import Lock  # noqa: E402
 from stacklock.verify.session import record, verify  # noqa: E402
 from tests.gguf_builder import gemma_model_path  # noqa: E402
-from tests.servers import llama_server  # noqa: E402
+from tests.servers import free_port, llama_server  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "gemma3-270m"
 TEMPLATE = ROOT / "registry" / "templates" / "gemma3-it.jinja"
@@ -119,8 +121,55 @@ def main() -> int:
                 default=0.0,
             )
             print(f"  {a.name:18} identical tokens: {same}; largest top-k logprob drift {drift:.4f}")
+        _llama_cpp_server(gemma, reference, base)
         shutil.rmtree(base / "served", ignore_errors=True)
     return 0 if ratio <= TARGET else 1
+
+
+def _llama_cpp_server(gemma: Path, reference: Lock, base: Path) -> None:
+    """llama-cpp-python's own server (same build as in process): OpenAI-compatible only, so raw prompts by text,
+    and the chosen token's logprob compared (its top logprobs are keyed by text, not token id)."""
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gemma), "--n_ctx", "1024"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_threads", "2"]
+    with (base / "lcs.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                httpx.get(f"{url}/v1/models", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        print(
+            "\ncross-engine on Gemma: in-process llama-cpp-python vs llama_cpp.server (raw prompts, by text)"
+        )
+        for pin in reference.smoke:
+            if pin.kind != "raw" or pin.golden is None:
+                continue
+            answer = httpx.post(
+                f"{url}/v1/completions",
+                json={
+                    "prompt": pin.prompt,
+                    "max_tokens": pin.max_tokens,
+                    "temperature": 0.0,
+                    "seed": 0,
+                    "logprobs": 5,
+                },
+                timeout=600,
+            ).json()
+            choice = answer["choices"][0]
+            chosen = [lp for lp in choice["logprobs"]["token_logprobs"] if lp is not None]
+            golden = [step[0][1] for step in pin.golden.top_logprobs]
+            drift = max((abs(a - b) for a, b in zip(chosen, golden, strict=False)), default=0.0)
+            print(
+                f"  {pin.name:18} identical text: {choice['text'].startswith(pin.golden.text)}; "
+                f"largest chosen-token logprob drift {drift:.4f}"
+            )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 if __name__ == "__main__":
