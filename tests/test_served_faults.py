@@ -215,3 +215,20 @@ def test_llama_server_requests_and_answers_of_the_documented_shapes() -> None:
     assert sent["temperature"] == 0.0
     assert sent["seed"] == 0
     assert {"top_k", "top_p", "min_p", "repeat_penalty", "mirostat"} <= set(sent)
+
+
+def test_a_bad_timeout_setting_is_one_line(
+    tiny_project: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tiny_project / "llmstack.toml").write_text(
+        '[stack]\nname = "tiny"\n[model]\nsource = "tiny.gguf"\n[engine]\nname = "llama-server"\n'
+        'version = "==b11434"\nendpoint = "http://127.0.0.1:9"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("STACKLOCK_TIMEOUT", "soon")
+    result = cli("lock", cwd=tiny_project)
+    assert result.code == ExitCode.UNAVAILABLE
+    assert (
+        result.err
+        == "error: STACKLOCK_TIMEOUT='soon' is not a number of seconds; e.g. STACKLOCK_TIMEOUT=300\n"
+    )

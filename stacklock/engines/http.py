@@ -87,7 +87,7 @@ class ServedClient:
             except httpx.TimeoutException as exc:
                 raise EngineError(
                     f"{what} timed out ({type(exc).__name__}, limit {self.settings.timeout:g} s)",
-                    hint="check that the server is up and not overloaded, or raise --timeout",
+                    hint="check that the server is up and not overloaded, or raise STACKLOCK_TIMEOUT (seconds)",
                 ) from exc
             except httpx.TransportError as exc:
                 if last:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from stacklock.engines.http import ServedSettings
+from stacklock.engines.http import DEFAULT_TIMEOUT, ServedSettings
 from stacklock.engines.plugins import adapter_class, adapter_info
 from stacklock.errors import EngineError
 from stacklock.files.digest import sha256_text
@@ -45,18 +47,26 @@ def is_served(engine_name: str) -> bool:
     return info is not None and info.capabilities.served
 
 
-def open_served(
-    engine_name: str, endpoint: str | None, api_key_env: str | None, *, timeout: float | None = None
-) -> ServedEngine:
-    """The served engine's adapter, pointed at its endpoint (``--endpoint`` wins over the manifest's)."""
+def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None) -> ServedEngine:
+    """The served engine's adapter, pointed at its endpoint (``--endpoint`` wins over the manifest's).
+
+    ``STACKLOCK_TIMEOUT`` sets the seconds one request may take (default 120): never unbounded.
+    """
     if not endpoint:
         raise EngineError(
             f"{engine_name} is a served engine and no endpoint is set",
             hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
         )
-    settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env)
-    if timeout is not None:
-        settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env, timeout=timeout)
+    raw = os.environ.get("STACKLOCK_TIMEOUT", "")
+    try:
+        timeout = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        timeout = -1.0
+    if not 0 < timeout < math.inf:
+        raise EngineError(
+            f"STACKLOCK_TIMEOUT={raw!r} is not a number of seconds", hint="e.g. STACKLOCK_TIMEOUT=300"
+        )
+    settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env, timeout=timeout)
     # A served adapter is constructed with its endpoint settings, which the Engine protocol does not declare.
     cls: Any = adapter_class(engine_name)
     engine = cls(settings)
