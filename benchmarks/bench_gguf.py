@@ -18,15 +18,17 @@ import gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stacklock.files.digest import sha256_file
+from stacklock.files.digest import digest_regions
 from stacklock.gguf.reader import read_gguf
 from stacklock.gguf.tokenizer import fingerprint_tokenizer
 from tests.gguf_builder import gemma_model_path
 
 
 def stacklock_file_sha256(path: Path) -> str:
-    """The whole-file sha256 as `stacklock lock` computes it on a cold cache."""
-    return sha256_file(path)
+    """The whole-file sha256 as `stacklock lock` computes it on a cold cache: in the same read loop as the
+    header region's sha256 and the tensor data region's xxh3 (the data offset comes from the header parse,
+    timed apart in ``main``)."""
+    return digest_regions(path, read_gguf(path).data_offset).sha256
 
 
 def measure_first_hash(path: Path, runs: int = 3) -> tuple[float, float]:
@@ -46,6 +48,11 @@ def measure_first_hash(path: Path, runs: int = 3) -> tuple[float, float]:
         reference_runs.append((time.perf_counter() - start) * 1000)
         assert ours_sha == reference, (ours_sha, reference)
     return min(ours_runs), min(reference_runs)
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def time_ms(fn, repeat: int) -> list[float]:
@@ -97,10 +104,20 @@ def main() -> int:
             f"ratio: {baseline / statistics.median(both):.0f}x faster (median read+fingerprint vs GGUFReader)"
         )
 
+    # The header parse is needed for the header summary anyway on a first lock (`lock` reuses it); this is the
+    # read loop alone, with the data offset known.
+    offset = read_gguf(path).data_offset
+    loop = min(time_ms(lambda: digest_regions(path, offset), 3))
+    reference = min(time_ms(lambda: _file_digest(path), 3))
+    print(
+        f"read loop alone (sha256 + header sha256 + data xxh3): {loop:.0f} ms, hashlib.file_digest "
+        f"{reference:.0f} ms, ratio {loop / reference:.2f}"
+    )
     ours_ms, reference_ms = measure_first_hash(path)
     print(
-        f"file sha256: stacklock {ours_ms:.0f} ms, hashlib.file_digest {reference_ms:.0f} ms, "
-        f"ratio {ours_ms / reference_ms:.2f} (target <= 1.2)"
+        f"file sha256 + region digests (header sha256, data xxh3), header parse included: stacklock "
+        f"{ours_ms:.0f} ms, hashlib.file_digest {reference_ms:.0f} ms, ratio {ours_ms / reference_ms:.2f} "
+        "(target <= 1.2)"
     )
     return 0
 

@@ -268,7 +268,7 @@ def test_a_flipped_model_byte_fails_at_artifacts(recorded: Path, cli: Cli) -> No
     for name in ("hello", "raw"):
         assert _result(report, name)["first-failure"] == "artifacts"
         assert _stage(report, name, "artifacts")["detail"] == (
-            f"tiny.gguf changed: sha256 {now[:12]}… where the lock has {locked[:12]}…; "
+            f"tiny.gguf changed: sha256 {now[:12]}… where the lock has {locked[:12]}… (tensor data changed); "
             "restore the locked file or re-lock and re-record"
         )
 

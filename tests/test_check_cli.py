@@ -14,7 +14,7 @@ from stacklock.engines.machine import installed_engine_version
 from stacklock.model.lock import parse_lock, render_lock
 from stacklock.registry.files import load_bundled_registry
 from stacklock.rules.check import ENGINE_MISMATCH
-from tests.conftest import Result
+from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf, gemma_model_path
 
 Cli = Callable[..., Result]
@@ -101,7 +101,7 @@ def test_check_reports_the_no_template_rule_with_its_fix(tmp_path: Path, cli: Cl
 
 def test_check_without_findings(tmp_path: Path, cli: Cli) -> None:
     project = tmp_path
-    build_tiny_gguf(project / "model.gguf", chat_template="{{ messages[0]['content'] }}")
+    build_tiny_gguf(project / "model.gguf", chat_template=CHATML)
     (project / "llmstack.toml").write_text(MANIFEST)
     assert cli("lock", cwd=project).code == 0
     result = cli("check", cwd=project)
@@ -210,8 +210,8 @@ def test_check_sarif_marks_allowed_findings_as_suppressed(tmp_path: Path, cli: C
     result = cli("check", "--format", "sarif", cwd=project)
     assert result.code == 0
     run = _sarif_run(result.out)
-    descriptor = run["tool"]["driver"]["rules"][0]
-    assert descriptor["id"] == NO_TEMPLATE.id
+    descriptors = {d["id"]: d for d in run["tool"]["driver"]["rules"]}
+    descriptor = descriptors[NO_TEMPLATE.id]
     assert descriptor["help"]["text"].startswith(NO_TEMPLATE.fix)
     assert descriptor["helpUri"] == "https://github.com/abetlen/llama-cpp-python/issues/1110"
     (finding,) = run["results"]

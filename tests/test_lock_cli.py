@@ -162,8 +162,8 @@ def test_check_names_the_pinned_file_whose_hash_changed(tmp_path: Path, cli: Cli
     assert result.code == 1
     now = hashlib.sha256(model.read_bytes()).hexdigest()
     assert result.err == (
-        f"error: llmstack.lock is stale: model.sha256 is '{locked.model.sha256}' in the lock but '{now}' now; "
-        "run `stacklock lock` to re-pin, or restore the input that changed\n"
+        f"error: llmstack.lock is stale: tiny.gguf changed ({locked.model.sha256[:12]}… → {now[:12]}…): "
+        "tensor data changed; run `stacklock lock` to re-pin (and `stacklock record`), or restore the locked file\n"
     )
 
 

@@ -422,6 +422,7 @@ def test_json_schemas_describe_the_registry_files() -> None:
     assert sorted(schemas) == [
         "registry-engine.schema.json",
         "registry-index.schema.json",
+        "registry-pretokenizers.schema.json",
         "registry-rule.schema.json",
         "registry-stack.schema.json",
         "registry-template.schema.json",

@@ -347,13 +347,11 @@ def test_registry_list_rejects_an_unknown_kind(tmp_path: Path, cli: Cli) -> None
 
 
 def test_registry_show_prints_the_rule_file(tmp_path: Path, cli: Cli) -> None:
-    result = cli("registry", "show", "tok-double-bos", cwd=tmp_path)
+    result = cli("registry", "show", "tok-double-bos-llama-cpp-python", cwd=tmp_path)
     assert result.code == 0, result.err
-    assert result.err == "rule 'tok-double-bos' from registry 'bundled'\n"
-    assert (
-        result.out
-        == (bundled_registry_path() / "rules" / "tok-double-bos.toml").read_text().rstrip("\n") + "\n"
-    )
+    assert result.err == "rule 'tok-double-bos-llama-cpp-python' from registry 'bundled'\n"
+    path = bundled_registry_path() / "rules" / "tok-double-bos-llama-cpp-python.toml"
+    assert result.out == path.read_text().rstrip("\n") + "\n"
 
 
 def test_registry_show_an_unknown_entry(tmp_path: Path, cli: Cli) -> None:
@@ -369,9 +367,9 @@ def test_registry_search(tmp_path: Path, cli: Cli) -> None:
     result = cli("registry", "search", "double", "BOS", cwd=tmp_path)
     assert result.code == 0, result.err
     lines = result.out.splitlines()
-    rule = next(r for r in BUNDLED.rules if r.id == "tok-double-bos")
-    assert lines[0] == _line("rule", rule.id, rule.title, rule.severity.value)
-    assert "tok-double-bos-llama-cpp-python" in result.out
+    rule = next(r for r in BUNDLED.rules if r.id == "tok-double-bos-llama-cpp-python")
+    assert _line("rule", rule.id, rule.title, rule.severity.value) in lines
+    assert "tok-double-bos-llamacpp-jinja" in result.out
     assert "arch-gemma2-softcap" not in result.out
     assert result.err == f"{len(lines)} entries\n"
 

@@ -200,6 +200,7 @@ class VerifyFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
     JUNIT = "junit"
+    MARKDOWN = "markdown"
 
 
 @app.command()
@@ -218,6 +219,13 @@ def verify(
         ),
     ] = None,
     endpoint: EndpointOption = None,
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            help="Also append a Markdown summary to this file (in GitHub Actions: $GITHUB_STEP_SUMMARY).",
+        ),
+    ] = None,
 ) -> None:
     """Re-run the smoke prompts and certify that the locked stack reproduces; name the stage that broke."""
     from stacklock.files.atomic import write_text_atomic  # noqa: PLC0415
@@ -237,6 +245,18 @@ def verify(
         lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance), endpoint=endpoint
     )
     _echo(render(report, fmt.value).rstrip("\n"))
+    if summary is not None:
+        from stacklock.report.verify import render_markdown  # noqa: PLC0415
+
+        # A step summary is appended to, as GitHub Actions expects: several steps may write to one file.
+        try:
+            with summary.open("a", encoding="utf-8") as handle:
+                handle.write(render_markdown(report))
+        except OSError as exc:
+            raise UsageError(
+                f"--summary {summary}: cannot append to it ({exc.strerror or exc})",
+                hint="give a writable file path",
+            ) from None
     if certificate is not None:
         from stacklock.lock.project import read_lock  # noqa: PLC0415
 
@@ -283,36 +303,36 @@ def check(
     fmt: Annotated[CheckFormat, typer.Option("--format", help="Output format.")] = CheckFormat.TEXT,
     offline: Annotated[bool, typer.Option("--offline", help="Use only cached registries.")] = False,
 ) -> None:
-    """Evaluate the lock, and the engine installed here, against the registries' rules. No model runs."""
-    from stacklock import __version__  # noqa: PLC0415
-    from stacklock.engines.machine import installed_engine_version  # noqa: PLC0415
-    from stacklock.lock.project import read_lock, read_manifest  # noqa: PLC0415
-    from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
-    from stacklock.report.check import render_check_json, render_check_text  # noqa: PLC0415
-    from stacklock.report.sarif import render_sarif  # noqa: PLC0415
-    from stacklock.rules.check import check_stack  # noqa: PLC0415
+    """Evaluate the lock (or a refused manifest) against the registries' rules and the template probes.
 
-    lock_path = _lock_path(manifest)
-    locked = read_lock(lock_path)
-    sources = read_manifest(manifest)[0].registries if manifest.exists() else ()
-    registries = resolve_registries(
-        sources, pins=locked.registries, offline=offline, base_dir=manifest.parent
-    )
-    result = check_stack(locked, registries, installed_engine_version(locked.engine.name))
-    if fmt is CheckFormat.SARIF:
-        _echo(
-            render_sarif(
-                result.findings,
-                artifact_uri=lock_path.name,
-                allowances=result.allowances,
-                tool_version=__version__,
-            ).rstrip("\n")
-        )
-    elif fmt is CheckFormat.JSON:
-        _echo(render_check_json(result))
-    else:
-        _echo(render_check_text(result))
-    if not result.ok:
+    No model runs.
+    """
+    from stacklock.cli.check import run_check  # noqa: PLC0415
+
+    output = run_check(manifest, _lock_path(manifest), fmt.value, offline=offline)
+    _echo(output.text)
+    if not output.ok:
+        raise typer.Exit(int(ExitCode.STACK_WRONG))
+
+
+class DiffFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="The first lock.")],
+    new: Annotated[Path, typer.Argument(help="The second lock.")],
+    fmt: Annotated[DiffFormat, typer.Option("--format", help="Output format.")] = DiffFormat.TEXT,
+) -> None:
+    """Show what differs between two locks, link by link; exit 1 when they differ (like diff)."""
+    from stacklock.cli.diff import diff_lock_files  # noqa: PLC0415
+    from stacklock.report.diff import render  # noqa: PLC0415
+
+    result = diff_lock_files(old, new)
+    _echo(render(result, fmt.value))
+    if not result.identical:
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 

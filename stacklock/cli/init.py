@@ -49,8 +49,15 @@ def starter_manifest(gguf_path: Path, manifest_dir: Path) -> tuple[str, list[str
             )
         else:
             template = "none"
-            template_note = (
-                "# The model file has no chat template and the registry knows none for it: raw prompts only."
+            # "none" is a decision the user must see: engines serving the file still format chats, wrongly.
+            template_note = "\n".join(
+                (
+                    f"# The model file has no chat template and the registry knows none for '{arch}'.",
+                    '# "none" locks raw prompts only. Engines serving this file would still format chats their',
+                    "# own way: llama-cpp-python with its llama-2 format, llama-server with ChatML, Ollama with",
+                    "# its Modelfile TEMPLATE ('{{ .Prompt }}' unless you write one). To test chats, set",
+                    '# source = "file:TEMPLATE.jinja" with the model\'s own template.',
+                )
             )
             notes.append(
                 f"{gguf_path.name} has no chat template and the registry has none for '{arch}'; "

@@ -9,6 +9,7 @@ miss.
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from stacklock.gguf.reader import GGUFFile
 
 #: Bump when the summary changes, so older cache entries are ignored rather than misread.
-HEADER_CACHE_VERSION = 1
+HEADER_CACHE_VERSION = 4
 
 #: Token texts that engines treat as end of generation or turn markers; the lock records which ones exist.
 KNOWN_SPECIAL_TEXTS = (
@@ -40,6 +41,47 @@ KNOWN_SPECIAL_TEXTS = (
     "<|return|>",
     "</s>",
 )
+
+
+#: Token types that llama.cpp parses as one piece out of rendered text: CONTROL and USER_DEFINED.
+_SPECIAL_TYPES = (3, 4)
+#: A chat-template marker: ``<|im_start|>``, ``<start_of_turn>``, ``</s>``, ``[INST]``.
+MARKER = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?[A-Za-z][A-Za-z0-9_.-]{0,63}>|\[/?[A-Z_]{2,32}\]")
+# Numbered placeholders (<unused12>, <|reserved_special_token_7|>, <extra_id_3>) are never in templates; a
+# vocabulary may hold thousands, which the lock does not need to list.
+_PLACEHOLDER = re.compile(r"\d+\|?>$|\d+\]$")
+#: At most this many special texts are pinned; a vocabulary that declares more is cut (in id order).
+MAX_SPECIAL_TEXTS = 512
+
+
+def _special_texts(gguf: GGUFFile) -> tuple[str, ...]:
+    """The marker-shaped texts of the vocabulary's special tokens, which templates may emit as one token each."""
+    from stacklock.gguf.reader import GGUFArray  # noqa: PLC0415 - numpy only on a cache miss.
+
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, GGUFArray):
+        return ()
+    found = [t for t in KNOWN_SPECIAL_TEXTS if tokens.index_of_string(t) is not None]
+    types = gguf.metadata.get("tokenizer.ggml.token_type")
+    if isinstance(types, GGUFArray) and types.count == tokens.count:
+        kinds = types.values()
+        for index, kind in enumerate(kinds):
+            if kind in _SPECIAL_TYPES and len(found) < MAX_SPECIAL_TEXTS:
+                text = tokens[index]
+                if MARKER.fullmatch(text) and not _PLACEHOLDER.search(text) and text not in found:
+                    found.append(text)
+    return tuple(found)
+
+
+class TensorEntry(Model):
+    """One tensor's header entry, as the structural checks need it (no data is read)."""
+
+    name: str = Field(description="The tensor's name.")
+    shape: tuple[int, ...] = Field(description="Its shape in GGUF order (ne[0] first).")
+    type: str = Field(description="Its ggml type.")
+    offset: int = Field(description="Its data offset within its part's data region.")
+    size: int = Field(description="Its data size in bytes, from the type's block size.")
+    part: int = Field(default=0, description="The split part that holds it.")
 
 
 class ModelHeader(Model):
@@ -59,8 +101,14 @@ class ModelHeader(Model):
     part_sha256: tuple[str, ...] = Field(default=(), description="sha256 of every part after the first.")
     tokenizer: TokenizerFingerprint = Field(description="The tokenizer's fingerprint.")
     special_texts: tuple[str, ...] = Field(
-        default=(), description="Known special token texts in the vocabulary."
+        default=(),
+        description=(
+            "Marker-shaped texts of the vocabulary's special tokens (control and user-defined), "
+            "numbered placeholders left out, at most 512."
+        ),
     )
+    # Required, so that a cache entry written without tensor infos is a miss whatever its version says.
+    tensors: tuple[TensorEntry, ...] = Field(description="Every tensor's header entry.")
 
     @property
     def chat_template(self) -> str | None:
@@ -85,12 +133,7 @@ def header_from_gguf(gguf: GGUFFile) -> ModelHeader:
             arrays[key] = f"{value_type_name(value.item_type)}[{value.count}]"
         else:
             scalars[key] = value
-    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
-    special = (
-        tuple(t for t in KNOWN_SPECIAL_TEXTS if tokens.index_of_string(t) is not None)
-        if isinstance(tokens, GGUFArray)
-        else ()
-    )
+    special = _special_texts(gguf)
     return ModelHeader(
         part_names=tuple(p.name for p in gguf.parts),
         version=gguf.version,
@@ -105,6 +148,12 @@ def header_from_gguf(gguf: GGUFFile) -> ModelHeader:
         # A file without a vocabulary cannot be locked; the fingerprint says so in one line.
         tokenizer=fingerprint_tokenizer(gguf),
         special_texts=special,
+        tensors=tuple(
+            TensorEntry(
+                name=t.name, shape=t.shape, type=t.type_name, offset=t.offset, size=t.n_bytes, part=t.part
+            )
+            for t in gguf.tensors
+        ),
     )
 
 

@@ -291,6 +291,7 @@ class GGUFFile:
     alignment: int
     metadata: Mapping[str, Any]
     tensors: tuple[TensorInfo, ...]
+    data_offset: int = 0  # Where the first part's tensor data region starts: everything before is header.
 
     @property
     def architecture(self) -> str | None:
@@ -484,6 +485,7 @@ class _Part:
     alignment: int
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
+    data_offset: int
 
 
 _INCOMPLETE = "the file is incomplete, download it again"
@@ -497,6 +499,7 @@ class _Parser:
         self.display = display
         self.pos = 0
         self.order = "<"
+        self.data_start = 0
 
     # ---- errors
 
@@ -757,6 +760,7 @@ class _Parser:
                 (name, shape, ggml_type, type_name, offset, n_elements, n_elements // block * type_size)
             )
         data_start = -(-self.pos // alignment) * alignment
+        self.data_start = data_start
         tensors = []
         for name, shape, ggml_type, type_name, offset, n_elements, n_bytes in raw:
             if data_start + offset + n_bytes > self.size:
@@ -813,7 +817,9 @@ def _read_part(path: Path, display: str, part: int) -> _Part:
         raise GGUFError(
             f"{display}: cannot read the file ({exc.strerror or exc})", hint="check the path"
         ) from None
-    return _Part(version, order, alignment, _finish_metadata(metadata, header, order), tensors)
+    return _Part(
+        version, order, alignment, _finish_metadata(metadata, header, order), tensors, parser.data_start
+    )
 
 
 def _split_parts(path: Path, display: str) -> tuple[tuple[Path, ...], tuple[str, ...]]:
@@ -891,4 +897,5 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         alignment=first.alignment,
         metadata=MappingProxyType(first.metadata),
         tensors=tuple(tensors),
+        data_offset=first.data_offset,
     )

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from stacklock.errors import StaleLockError
+from stacklock.lock.diff import embedded_template, explain_model, template_diff
 from stacklock.lock.load import load_inputs
 from stacklock.lock.project import read_lock, read_manifest
 from stacklock.lock.resolve import resolve
 from stacklock.model.lock import (
     Lock,
     manifest_hash,
+    pin_metadata_value,
 )
 from stacklock.registry.fetch import compare_pins
 
@@ -43,7 +45,9 @@ def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -
     fresh = fresh.model_copy(
         update={"engine": fresh.engine.model_copy(update={"served": locked.engine.served})}
     )
-    difference = first_difference(locked.pins(), fresh.pins())
+    if locked.model.sha256 != fresh.model.sha256:
+        raise _model_changed(lock_path, locked, fresh, inputs.header.chat_template)
+    difference = first_difference(_comparable(locked).pins(), _comparable_to(fresh, locked).pins())
     if difference is not None:
         where, old, new = difference
         raise StaleLockError(
@@ -51,6 +55,34 @@ def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -
             hint="run `stacklock lock` to re-pin, or restore the input that changed",
         )
     return locked
+
+
+def _model_changed(lock_path: Path, locked: Lock, fresh: Lock, embedded: str | None) -> StaleLockError:
+    """The model file changed: say which parts of it did, with the template's diff when it is known."""
+    old_text = embedded_template(locked)
+    lines = explain_model(locked.model, fresh.model, old_template=old_text, new_template=embedded)
+    message = f"{lock_path} is stale: {locked.model.path} changed ({locked.model.sha256[:12]}… → "
+    message += f"{fresh.model.sha256[:12]}…): " + "; ".join(lines)
+    hint = "run `stacklock lock` to re-pin (and `stacklock record`), or restore the locked file"
+    if old_text is not None and embedded is not None and old_text != embedded:
+        # The diff follows the one-line reason, so that the reason and its fix stay on the first line.
+        message += f"; {hint}\n" + template_diff(old_text, embedded, name="tokenizer.chat_template")
+        hint = ""
+    return StaleLockError(message, hint=hint or None)
+
+
+def _comparable(locked: Lock) -> Lock:
+    """A lock written before long metadata strings were bounded, with them pinned as now (by digest)."""
+    metadata = {
+        k: pin_metadata_value(v) if isinstance(v, str) else v for k, v in locked.model.metadata.items()
+    }
+    return locked.model_copy(update={"model": locked.model.model_copy(update={"metadata": metadata})})
+
+
+def _comparable_to(fresh: Lock, locked: Lock) -> Lock:
+    """The fresh lock without the pins an older lock did not have yet (region digests): not a change."""
+    absent = {k: None for k in ("header_sha256", "data_xxh3") if getattr(locked.model, k) is None}
+    return fresh.model_copy(update={"model": fresh.model.model_copy(update=absent)})
 
 
 def first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:

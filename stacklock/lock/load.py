@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stacklock.engines.machine import installed_engine_version
 from stacklock.errors import SourceError, TemplateError
-from stacklock.files.digest import HashCache, HashProgress
+from stacklock.files.digest import FileDigests, HashCache, HashProgress
 from stacklock.gguf.header import HeaderCache, ModelHeader, header_from_gguf
 from stacklock.lock.project import read_manifest
 from stacklock.model.findings import RegistryPin
@@ -23,6 +23,9 @@ from stacklock.registry.fetch import resolve_registries
 from stacklock.registry.files import LoadedRegistry
 from stacklock.registry.query import find_template
 from stacklock.sources.model import HubSource, fetch_model, parse_model_source
+
+if TYPE_CHECKING:
+    from stacklock.gguf.reader import GGUFFile
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Inputs:
     base_dir: Path
     model_path: Path
     model_revision: str | None
-    model_sha256: str
+    model_digests: FileDigests
     parts: tuple[FilePin, ...]
     header: ModelHeader
     template: ResolvedTemplate
@@ -68,8 +71,20 @@ def load_inputs(
         source = HubSource(source.repo, model_revision, source.path)
     fetched = fetch_model(source, base, offline=offline)
     hashes = cache or HashCache()
-    digest = hashes.sha256(fetched.path, use_cache=use_cache, progress=progress)
-    header, part_paths = _header(fetched.path, digest, hashes, use_cache=use_cache, progress=progress)
+    parsed: list[GGUFFile] = []
+
+    def data_offset(path: Path) -> int:
+        # Hashing by region needs the header's end; the parse is kept for the header summary below.
+        from stacklock.gguf.reader import read_gguf  # noqa: PLC0415 - numpy is only needed on a cache miss.
+
+        parsed.append(read_gguf(path))
+        return parsed[-1].data_offset
+
+    digests = hashes.digests(fetched.path, data_offset, use_cache=use_cache, progress=progress)
+    digest = digests.sha256
+    header, part_paths = _header(
+        fetched.path, digest, hashes, use_cache=use_cache, progress=progress, parsed=parsed
+    )
     hashes.save()
     if manifest.model.sha256 is not None and digest != manifest.model.sha256:
         raise SourceError(
@@ -90,7 +105,7 @@ def load_inputs(
         base_dir=base,
         model_path=fetched.path,
         model_revision=fetched.revision,
-        model_sha256=digest,
+        model_digests=digests,
         parts=parts,
         header=header,
         template=load_template(manifest, header, base, registries),
@@ -100,7 +115,13 @@ def load_inputs(
 
 
 def _header(
-    path: Path, digest: str, hashes: HashCache, *, use_cache: bool, progress: HashProgress | None
+    path: Path,
+    digest: str,
+    hashes: HashCache,
+    *,
+    use_cache: bool,
+    progress: HashProgress | None,
+    parsed: Sequence[GGUFFile] = (),
 ) -> tuple[ModelHeader, tuple[Path, ...]]:
     """The header summary: from the cache when the file (and every split part) is unchanged, else parsed."""
     headers = HeaderCache(hashes.path.parent)
@@ -113,7 +134,7 @@ def _header(
                 return cached, others
     from stacklock.gguf.reader import read_gguf  # noqa: PLC0415 - numpy is only needed on a cache miss.
 
-    gguf = read_gguf(path)
+    gguf = parsed[-1] if parsed else read_gguf(path)
     others = gguf.parts[1:]
     digests = tuple(hashes.sha256(p, use_cache=use_cache, progress=progress) for p in others)
     header = header_from_gguf(gguf).model_copy(update={"part_sha256": digests})

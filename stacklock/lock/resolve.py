@@ -12,7 +12,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from stacklock.errors import EngineError, TemplateError
-from stacklock.files.digest import sha256_text
+from stacklock.files.digest import FileDigests, sha256_text
+from stacklock.gguf.header import ModelHeader
+from stacklock.gguf.structure import check_structure
 from stacklock.lock.load import Inputs, ResolvedTemplate, _rel
 from stacklock.lock.smoke import _rendered, _smoke_pin
 from stacklock.model.effective import effective_backend, effective_sampler
@@ -20,15 +22,18 @@ from stacklock.model.findings import Allowance, Finding, Severity
 from stacklock.model.lock import (
     LOCK_VERSION,
     EnginePin,
+    FilePin,
     Lock,
     ModelPin,
     TemplatePin,
     created_by,
     manifest_hash,
+    pin_metadata_value,
 )
 from stacklock.model.manifest import BUILD_NUMBERED_ENGINES, Manifest
+from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import evaluate, rules_for, split_allowed
+from stacklock.rules.predicates import evaluate, finding_sort_key, rules_for, split_allowed
 from stacklock.rules.versions import EngineTables, parse_build_range, vendored_build
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
@@ -73,7 +78,17 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
         registries=tuple(r.pin for r in inputs.registries),
         smoke=smoke,
     )
-    findings = evaluate(rules_for(inputs.registries), facts_from_lock(lock))
+    # Built-in checks (template probes, pre-tokenizers, the GGUF's structure) report like rules, so --allow, lock refusal and `check` treat both alike.
+    findings = tuple(
+        sorted(
+            (
+                *evaluate(rules_for(inputs.registries), facts_from_lock(lock)),
+                *run_checks(lock, inputs.registries).findings,
+                *check_structure(header),
+            ),
+            key=finding_sort_key,
+        )
+    )
     fired = {f.rule for f in findings if f.severity is Severity.ERROR}
     given = {a.rule for a in allow}
     kept = [a for a in carried if a.rule in fired and a.rule not in given]
@@ -85,16 +100,43 @@ def resolve(inputs: Inputs, allow: Sequence[Allowance] = (), carried: Sequence[A
 
 
 def _model_pin(inputs: Inputs) -> ModelPin:
-    header = inputs.header
-    # Chat templates are pinned under [template]; the model pin keeps only their digest.
-    scalars = {k: v for k, v in header.metadata.items() if not k.startswith("tokenizer.chat_template")}
-    return ModelPin(
+    return pin_model(
+        inputs.header,
+        inputs.model_digests,
         source=inputs.manifest.model.source,
         path=model_location(inputs),
         revision=inputs.model_revision,
-        sha256=inputs.model_sha256,
         size=inputs.model_path.stat().st_size,
         parts=inputs.parts,
+    )
+
+
+def pin_model(
+    header: ModelHeader,
+    digests: FileDigests,
+    *,
+    source: str,
+    path: str,
+    revision: str | None,
+    size: int,
+    parts: tuple[FilePin, ...],
+) -> ModelPin:
+    """The model pin of a file from its header summary and digests; pure."""
+    # Chat templates are pinned under [template]; the model pin keeps only their digest.
+    scalars = {
+        k: pin_metadata_value(v)
+        for k, v in header.metadata.items()
+        if not k.startswith("tokenizer.chat_template")
+    }
+    return ModelPin(
+        source=source,
+        path=path,
+        revision=revision,
+        sha256=digests.sha256,
+        size=size,
+        header_sha256=digests.header_sha256,
+        data_xxh3=digests.data_xxh3,
+        parts=parts,
         gguf_version=header.version,
         architecture=header.architecture,
         name=header.name,
@@ -104,6 +146,7 @@ def _model_pin(inputs: Inputs) -> ModelPin:
         context_length=header.context_length,
         chat_template_sha256=_sha256_text(header.chat_template),
         special_texts=header.special_texts,
+        special_texts_complete=True,
         metadata=scalars,
         arrays=header.arrays,
     )

@@ -40,6 +40,32 @@ class FilePin(Model):
     size: int = Field(description="Size in bytes.")
 
 
+#: Metadata strings up to this many UTF-8 bytes are copied into the lock; longer ones are pinned by digest.
+MAX_PINNED_TEXT = 1024
+
+
+class PinnedText(Model):
+    """A metadata string too long to copy into the lock, pinned by its digest and length."""
+
+    sha256: str = Field(description="sha256 of the string (UTF-8).")
+    length: int = Field(description="Its length in UTF-8 bytes.")
+
+
+MetadataValue = str | int | float | bool | PinnedText
+
+
+def pin_metadata_value(value: str | float | bool) -> MetadataValue:
+    """A metadata value as the lock pins it: verbatim, or by digest and length when it is a long string.
+
+    A megabyte string would otherwise be copied into every lock; its digest detects any change just as well.
+    """
+    if isinstance(value, str):
+        encoded = value.encode("utf-8")
+        if len(encoded) > MAX_PINNED_TEXT:
+            return PinnedText(sha256=hashlib.sha256(encoded).hexdigest(), length=len(encoded))
+    return value
+
+
 class ModelPin(Model):
     source: str = Field(description="The model source as written in the manifest.")
     path: str = Field(
@@ -48,6 +74,17 @@ class ModelPin(Model):
     revision: str | None = Field(default=None, description="The hub commit the source resolved to.")
     sha256: str = Field(description="sha256 of the file (of the first part for split files).")
     size: int = Field(description="Size in bytes.")
+    header_sha256: str | None = Field(
+        default=None,
+        description="sha256 of the header region (metadata and tensor infos) of the first part.",
+    )
+    data_xxh3: str | None = Field(
+        default=None,
+        description=(
+            "xxh3-128 of the tensor data region of the first part: says whether the weights changed when the "
+            "file did (sha256 remains the pin)."
+        ),
+    )
     parts: tuple[FilePin, ...] = Field(default=(), description="The other parts of a split GGUF, in order.")
     gguf_version: int = Field(description="GGUF format version.")
     architecture: str | None = Field(default=None, description="general.architecture.")
@@ -62,11 +99,25 @@ class ModelPin(Model):
     )
     special_texts: tuple[str, ...] = Field(
         default=(),
-        description="End-of-turn and control token texts engines look for, found in the vocabulary.",
+        description=(
+            "The vocabulary's special-token texts a template may emit (control and user-defined tokens shaped "
+            "like markers, numbered placeholders left out, at most 512); the template probes check renders "
+            "against them."
+        ),
     )
-    metadata: dict[str, str | int | float | bool] = Field(
+    special_texts_complete: bool = Field(
+        default=False,
+        description=(
+            "Whether special-texts lists every marker-shaped special token; locks written before the template "
+            "probes list only known end-of-turn texts, so the probes do not judge markers by them."
+        ),
+    )
+    metadata: dict[str, MetadataValue] = Field(
         default_factory=dict,
-        description="Every scalar GGUF metadata key (chat templates are pinned under [template]).",
+        description=(
+            "Every scalar GGUF metadata key (chat templates are pinned under [template]); a string over "
+            f"{MAX_PINNED_TEXT} bytes as {{sha256, length}}."
+        ),
     )
     arrays: dict[str, str] = Field(
         default_factory=dict, description="Every array GGUF metadata key, as 'type[count]'."
@@ -218,6 +269,9 @@ class Lock(Model):
         data = self.pins()
         for key in ("registries", "findings", "allowances", "manifest-hash", "stack"):
             data.pop(key, None)
+        # The region digests only explain a change of the file; its sha256, kept here, decides.
+        for key in ("header-sha256", "data-xxh3"):
+            data["model"].pop(key, None)
         return data
 
     def without_goldens(self) -> Lock:

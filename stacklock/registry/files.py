@@ -35,6 +35,7 @@ from stacklock.model.findings import RegistryPin
 from stacklock.model.manifest import Name
 from stacklock.model.toml import parse_toml, validate
 from stacklock.rules.predicates import Rule, parse_rule, predicate_json_schema_defs
+from stacklock.rules.pretokenizers import PRETOKENIZERS_FILE, PreTokenizerTable, parse_pretokenizer_table
 from stacklock.rules.versions import EngineTable, EngineTables, parse_engine_table
 
 #: The registry format this stacklock reads; ``registry.toml`` says which one a registry is written in.
@@ -135,6 +136,8 @@ class LoadedRegistry:
     stacks: tuple[StackEntry, ...]
     engines: EngineTables
     sources: Mapping[str, str] = field(default_factory=dict)
+    #: The tokenizer.ggml.pre values llama.cpp accepts (pretokenizers.toml), when the registry has the table.
+    pretokenizers: PreTokenizerTable | None = None
 
     @property
     def pin(self) -> RegistryPin:
@@ -267,6 +270,12 @@ def parse_registry(
         stacks=stacks,
         engines=EngineTables.of(tables),
         sources=sources,
+        pretokenizers=parse_pretokenizer_table(
+            _text(files, PRETOKENIZERS_FILE, f"{origin}/{PRETOKENIZERS_FILE}"),
+            f"{origin}/{PRETOKENIZERS_FILE}",
+        )
+        if PRETOKENIZERS_FILE in files
+        else None,
     )
 
 
@@ -400,6 +409,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         "registry-template.schema.json": lambda: TemplateEntry.model_json_schema(by_alias=True),
         "registry-stack.schema.json": lambda: StackMeta.model_json_schema(by_alias=True),
         "registry-engine.schema.json": lambda: EngineTable.model_json_schema(by_alias=True),
+        "registry-pretokenizers.schema.json": lambda: PreTokenizerTable.model_json_schema(by_alias=True),
     }
     out: dict[str, dict[str, Any]] = {}
     for filename, make in models.items():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 from stacklock.model.findings import Allowance, Finding, Severity
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
 SARIF_VERSION: Final = "2.1.0"
 SARIF_SCHEMA: Final = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -54,6 +54,34 @@ def _descriptor(finding: Finding) -> dict[str, Any]:
     return descriptor
 
 
+_TABLE = re.compile(r"^\[([a-z-]+)\]")
+_KEY = re.compile(r"^([a-z-]+)\s*=")
+
+
+def table_lines(text: str) -> dict[str, int]:
+    """1-based line of each top-level ``[table]`` of a lock or manifest, by link name; ``template`` points at
+    the pinned template text when the table has one, so that a template finding lands on the template."""
+    lines: dict[str, int] = {}
+    table = None
+    quote: str | None = None  # Inside a multi-line string (the template text) nothing is a table header.
+    for number, line in enumerate(text.splitlines(), start=1):
+        if quote is not None:
+            if line.count(quote) % 2:
+                quote = None
+            continue
+        opened = next((q for q in ('"""', "'''") if line.count(q) % 2), None)
+        header = None if opened else _TABLE.match(line)
+        quote = opened
+        if header:
+            table = header[1]
+            lines.setdefault(table, number)
+            continue
+        key = _KEY.match(line)
+        if table == "template" and key and key[1] == "text":
+            lines["template"] = number
+    return lines
+
+
 def sarif_document(
     findings: Sequence[Finding],
     *,
@@ -61,12 +89,24 @@ def sarif_document(
     allowances: Sequence[Allowance] = (),
     tool_version: str = "0.0.0",
     line: int = 1,
+    catalog: Sequence[Finding] = (),
+    lines: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The SARIF log as a JSON-ready dict; see :func:`render_sarif`."""
+    """The SARIF log as a JSON-ready dict; see :func:`render_sarif`.
+
+    ``catalog`` holds one finding per rule or check that can fire: all of them are listed in the driver, so
+    that a code-scanning interface knows every rule, not only those that fired. ``lines`` maps a link to its
+    line in the artifact (see :func:`table_lines`); a result lands on the line of its finding's first link
+    found there, else on ``line``.
+    """
     reasons = {a.rule: a.reason for a in allowances}
     rules: list[dict[str, Any]] = []
     index: dict[str, int] = {}
     results: list[dict[str, Any]] = []
+    for known in catalog:
+        if known.rule not in index:
+            index[known.rule] = len(rules)
+            rules.append(_descriptor(known))
     for finding in findings:
         if finding.rule not in index:
             index[finding.rule] = len(rules)
@@ -83,7 +123,7 @@ def sarif_document(
                 {
                     "physicalLocation": {
                         "artifactLocation": {"uri": artifact_uri},
-                        "region": {"startLine": line},
+                        "region": {"startLine": _line_of(finding, lines or {}, line)},
                     }
                 }
             ],
@@ -113,6 +153,10 @@ def sarif_document(
     }
 
 
+def _line_of(finding: Finding, lines: Mapping[str, int], default: int) -> int:
+    return next((lines[link.value] for link in finding.links if link.value in lines), default)
+
+
 def render_sarif(
     findings: Sequence[Finding],
     *,
@@ -120,12 +164,20 @@ def render_sarif(
     allowances: Sequence[Allowance] = (),
     tool_version: str = "0.0.0",
     line: int = 1,
+    catalog: Sequence[Finding] = (),
+    lines: Mapping[str, int] | None = None,
 ) -> str:
     """SARIF 2.1.0 text for ``stacklock check --format sarif``. Deterministic: same findings, same bytes."""
     document = sarif_document(
-        findings, artifact_uri=artifact_uri, allowances=allowances, tool_version=tool_version, line=line
+        findings,
+        artifact_uri=artifact_uri,
+        allowances=allowances,
+        tool_version=tool_version,
+        line=line,
+        catalog=catalog,
+        lines=lines,
     )
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-__all__ = ["SARIF_SCHEMA", "SARIF_VERSION", "reference_url", "render_sarif", "sarif_document"]
+__all__ = ["SARIF_SCHEMA", "SARIF_VERSION", "reference_url", "render_sarif", "sarif_document", "table_lines"]

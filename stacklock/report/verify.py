@@ -1,4 +1,4 @@
-"""Reporting: a :class:`~stacklock.verify.VerifyReport` as text, JSON or JUnit XML.
+"""Reporting: a :class:`~stacklock.verify.compare.VerifyReport` as text, JSON, JUnit XML or Markdown.
 
 Pure: every ``render_*`` function returns a string and never prints or writes.
 """
@@ -14,15 +14,18 @@ from stacklock.verify.compare import is_certified
 if TYPE_CHECKING:
     from stacklock.verify.compare import SmokeResult, StageResult, VerifyReport
 
-__all__ = ["FORMATS", "render", "render_json", "render_junit", "render_text"]
+__all__ = ["FORMATS", "render", "render_json", "render_junit", "render_markdown", "render_text"]
 
-FORMATS = ("text", "json", "junit")
+FORMATS = ("text", "json", "junit", "markdown")
 
 _MARKS = {"pass": "ok", "fail": "FAIL", "skip": "skip", "tolerated": "tolerated"}
 
 
-def _stage_line(stage: StageResult) -> str:
-    return f"    {stage.stage:<13}{_MARKS[stage.status]:<10}{stage.detail}"
+def _stage_line(stage: StageResult, *, with_diff: bool = True) -> str:
+    line = f"    {stage.stage:<13}{_MARKS[stage.status]:<10}{stage.detail}"
+    if stage.diff and with_diff:
+        line += "\n" + "\n".join(f"        {diff_line}" for diff_line in stage.diff.splitlines())
+    return line
 
 
 def _verdict(report: VerifyReport) -> str:
@@ -42,7 +45,7 @@ def _verdict(report: VerifyReport) -> str:
     return f"reproduced: {total} smoke prompt(s), every stage identical to the recording"
 
 
-def _result_lines(result: SmokeResult) -> list[str]:
+def _result_lines(result: SmokeResult, *, with_diff: bool = True) -> list[str]:
     if result.first_failure is not None:
         head = f"{result.name}: FAILED at {result.first_failure}"
     elif not is_certified(result):
@@ -51,7 +54,7 @@ def _result_lines(result: SmokeResult) -> list[str]:
         head = f"{result.name}: reproduced within the tolerance"
     else:
         head = f"{result.name}: reproduced"
-    lines = [head, *(_stage_line(stage) for stage in result.stages)]
+    lines = [head, *(_stage_line(stage, with_diff=with_diff) for stage in result.stages)]
     if result.first_failure is None and not is_certified(result):
         lines.append(f"    → {result.explanation}")
     if result.first_failure is not None:
@@ -74,7 +77,8 @@ def render_text(report: VerifyReport) -> str:
     if lines:
         lines.append("")
     for result in report.results:
-        lines.extend(_result_lines(result))
+        # A changed model file is the same for every smoke prompt: its template diff is shown once.
+        lines.extend(_result_lines(result, with_diff=result is report.results[0]))
         lines.append("")
     lines.append(_verdict(report))
     return "\n".join(lines) + "\n"
@@ -124,6 +128,38 @@ def render_junit(report: VerifyReport, *, suite: str = "stacklock verify") -> st
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+def _markdown_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def render_markdown(report: VerifyReport, *, title: str = "stacklock verify") -> str:
+    """A Markdown summary for CI step summaries and pull-request comments: the verdict, then one row per prompt."""
+    icon = "✅" if report.reproduced else "❌"
+    lines = [f"### {icon} {title}", "", _verdict(report), ""]
+    if report.engine is not None:
+        engine = report.engine
+        build = f", build `{engine.build}`" if engine.build else ""
+        lines += [f"Engine: `{engine.name}` {engine.version}{build} on {engine.backend} ({engine.cpu})", ""]
+    lines += ["| smoke prompt | result | stage | detail |", "|---|---|---|---|"]
+    for result in report.results:
+        row: tuple[str, str, str]
+        if result.first_failure is not None:
+            stage = next(s for s in result.stages if s.status == "fail")
+            row = ("❌ failed", stage.stage, f"{stage.detail}. {result.explanation}")
+        elif not is_certified(result):
+            row = ("⚠️ not certified", "", result.explanation)
+        elif result.tolerated:
+            stage = next(s for s in result.stages if s.status == "tolerated")
+            row = ("✅ within tolerance", stage.stage, stage.detail)
+        else:
+            row = ("✅ reproduced", "", "every stage identical to the recording")
+        cells = [f"`{result.name}`", *row]
+        lines.append("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |")
+    lines.extend(f"\n> {_markdown_cell(note)}" for note in report.notes)
+    return "\n".join(lines) + "\n"
+
+
 def render(report: VerifyReport, fmt: str) -> str:
     """The report in one of :data:`FORMATS`."""
     if fmt == "json":
@@ -132,4 +168,6 @@ def render(report: VerifyReport, fmt: str) -> str:
         return render_junit(report)
     if fmt == "text":
         return render_text(report)
+    if fmt == "markdown":
+        return render_markdown(report)
     raise ValueError(f"unknown report format {fmt!r}; use one of {', '.join(FORMATS)}")

@@ -14,9 +14,14 @@ anything runs (SARIF lists them all in its driver; ``check --format json`` repor
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from stacklock.model.findings import Finding, Link, Severity
+
+if TYPE_CHECKING:
+    from stacklock.model.lock import Lock
 
 #: The registry name findings of built-in checks carry.
 BUILTIN_REGISTRY = "stacklock"
@@ -55,7 +60,11 @@ class BuiltinCheck:
 CATALOG: dict[str, BuiltinCheck] = {}
 
 #: The modules that declare check families; each registers its checks when imported.
-FAMILIES: tuple[str, ...] = ()
+FAMILIES: tuple[str, ...] = (
+    "stacklock.gguf.structure",
+    "stacklock.template.probes",
+    "stacklock.rules.pretokenizers",
+)
 
 
 def register(check: BuiltinCheck) -> BuiltinCheck:
@@ -67,8 +76,64 @@ def register(check: BuiltinCheck) -> BuiltinCheck:
     return check
 
 
-def all_checks() -> tuple[BuiltinCheck, ...]:
-    """Every built-in check that can fire, by id (imports each family module once)."""
+@dataclass(frozen=True)
+class FamilyRun:
+    """What a family's checks found on one lock, and the checks that could not look at it, with why."""
+
+    findings: tuple[Finding, ...] = ()
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+
+#: A family's entry point: the lock, and the loaded registries (for families that read registry data).
+Runner = Callable[["Lock", Sequence[Any]], FamilyRun]
+
+#: Each family's runner, by family name, filled by the family modules as they are imported.
+RUNNERS: dict[str, Runner] = {}
+
+
+def register_family(family: str, runner: Runner) -> Runner:
+    """Declare how a family runs its checks on a lock, at import time."""
+    if family in RUNNERS:
+        msg = f"built-in check family {family!r} is declared twice"
+        raise ValueError(msg)
+    RUNNERS[family] = runner
+    return runner
+
+
+def _import_families() -> None:
+    # The family modules sit in the packages of what they examine (the template probes in template/); they are
+    # imported by name so that rules/ does not depend on those packages.
     for module in FAMILIES:
         importlib.import_module(module)
+
+
+def all_checks() -> tuple[BuiltinCheck, ...]:
+    """Every built-in check that can fire, by id (imports each family module once)."""
+    _import_families()
     return tuple(CATALOG[key] for key in sorted(CATALOG))
+
+
+def run_checks(lock: Lock, registries: Sequence[Any]) -> FamilyRun:
+    """Every family's checks on a lock: the findings, and the checks that could not run with why."""
+    _import_families()
+    findings: list[Finding] = []
+    skipped: dict[str, str] = {}
+    for family in sorted(RUNNERS):
+        run = RUNNERS[family](lock, registries)
+        findings += run.findings
+        skipped |= run.skipped
+    return FamilyRun(tuple(findings), dict(sorted(skipped.items())))
+
+
+def carried_findings(findings: Sequence[Finding]) -> tuple[Finding, ...]:
+    """The findings of families that run only at lock time, from a lock's findings.
+
+    A family without a runner (the GGUF structural checks) needs the model file, which ``check`` does not read:
+    its findings are carried from the lock. Every other family runs again on the lock.
+    """
+    _import_families()
+    return tuple(
+        f
+        for f in findings
+        if f.registry == BUILTIN_REGISTRY and f.rule in CATALOG and CATALOG[f.rule].family not in RUNNERS
+    )

@@ -606,12 +606,25 @@ class Triage(Model):
         return not self.blocking and not self.unused
 
 
+#: Rules renamed to say what they detect: old id → new id. An allowance of the old id accepts the new one.
+RENAMED_RULES: Final = {"tmpl-gemma-system-role-unsupported": "tmpl-system-role-rejected-by-engine"}
+
+
+def current_allowances(allowances: Sequence[Allowance]) -> tuple[Allowance, ...]:
+    """Allowances with renamed rule ids replaced by their current ids."""
+    return tuple(
+        a.model_copy(update={"rule": RENAMED_RULES[a.rule]}) if a.rule in RENAMED_RULES else a
+        for a in allowances
+    )
+
+
 def triage(findings: Sequence[Finding], allowances: Sequence[Allowance]) -> Triage:
     """Split findings into blocking errors, allowed errors and recorded warnings/info.
 
     An allowance that matches no error finding is itself a problem: left in the lock, it would silently accept
     the rule the day it fires for a different reason. The user must remove it.
     """
+    allowances = current_allowances(allowances)
     allowed_ids = {a.rule for a in allowances}
     errors = [f for f in findings if f.severity is Severity.ERROR]
     blocking = tuple(f for f in errors if f.rule not in allowed_ids)
@@ -652,6 +665,7 @@ def split_allowed(
     that matches no error finding, telling the user to remove it. The allowances returned are the ones to
     record.
     """
+    allowances = current_allowances(allowances)
     result = triage(findings, allowances)
     used = tuple(a for a in allowances if a.rule in {f.rule for f in result.allowed})
     stale = tuple(

@@ -59,6 +59,8 @@ the text does not parse):
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import functools
 import json
 import math
 import re
@@ -81,8 +83,7 @@ from jinja2.visitor import NodeTransformer
 from stacklock.errors import TemplateError
 
 if TYPE_CHECKING:
-    import datetime as dt
-    from types import TracebackType
+    from types import CodeType, TracebackType
 
     from jinja2.parser import Parser
 
@@ -118,6 +119,7 @@ FEATURES: tuple[str, ...] = (
 """Every name :func:`template_features` can report, sorted."""
 
 _TEMPLATE_FILENAME = "<template>"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _RAW_TEMPLATE_DEFAULT_ORIGIN = "chat template"
 _RESERVED_CONTEXT = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -575,9 +577,10 @@ def render_chat_template(
     state = _State(limits)
     env = _make_environment(state, now)
     try:
-        compiled = env.from_string(template)
+        code = _compile(template)
     except jinja2.TemplateSyntaxError as error:
         raise _syntax_error(error, origin) from None
+    compiled = env.template_class.from_code(env, code, env.make_globals(None), None)
     context = _context(messages, add_generation_prompt, bos_token, eos_token, tools, documents, extra_context)
     state.deadline = time.monotonic() + limits.max_seconds
     chunks: list[str] = []
@@ -592,6 +595,16 @@ def render_chat_template(
     except Exception as error:  # noqa: BLE001 - Every template failure becomes one TemplateError.
         raise _translate(error, label, limits) from None
     return "".join(chunks)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(template: str) -> CodeType:
+    """The template compiled once per text: compiling costs far more than rendering, and the probes and smoke
+    prompts render one template many times. The code does not depend on the limits or the clock, which the
+    environment of each render carries."""
+    env = _make_environment(_State(RenderLimits()), _EPOCH)
+    code: CodeType = env.compile(template)
+    return code
 
 
 def _output_exceeded() -> None:

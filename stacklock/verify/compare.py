@@ -107,6 +107,13 @@ class StageResult(Model):
         default=(),
         description="At a differing token: the alternatives the model weighed now, most likely first.",
     )
+    changes: tuple[str, ...] = Field(
+        default=(),
+        description="At a changed model file: which parts of it changed (template, metadata, tensor data).",
+    )
+    diff: str | None = Field(
+        default=None, description="At a changed embedded template: a unified diff of its text."
+    )
 
 
 class SmokeResult(Model):
@@ -229,8 +236,17 @@ def skipped(stage: Stage, reason: str) -> StageResult:
 # The stages -------------------------------------------------------------------------------------------------
 
 
-def compare_artifacts(expected: Mapping[str, str], observed: Mapping[str, str | None]) -> StageResult:
-    """Stage (a): every locked file's sha256 against the file found now (None: the file is missing)."""
+def compare_artifacts(
+    expected: Mapping[str, str],
+    observed: Mapping[str, str | None],
+    *,
+    changes: Sequence[str] = (),
+    diff: str | None = None,
+) -> StageResult:
+    """Stage (a): every locked file's sha256 against the file found now (None: the file is missing).
+
+    ``changes`` and ``diff`` explain a changed model file (see :func:`stacklock.lock.diff.explain_model`).
+    """
     for label, digest in expected.items():
         found = observed.get(label)
         if found is None:
@@ -241,15 +257,18 @@ def compare_artifacts(expected: Mapping[str, str], observed: Mapping[str, str | 
                 expected=digest,
             )
         if found != digest:
+            what = f" ({'; '.join(changes)})" if changes else ""
             return StageResult(
                 stage="artifacts",
                 status="fail",
                 detail=(
-                    f"{label} changed: sha256 {found[:12]}… where the lock has {digest[:12]}…; "
+                    f"{label} changed: sha256 {found[:12]}… where the lock has {digest[:12]}…{what}; "
                     "restore the locked file or re-lock and re-record"
                 ),
                 expected=digest,
                 observed=found,
+                changes=tuple(changes),
+                diff=diff,
             )
     return StageResult(
         stage="artifacts", status="pass", detail=f"{len(expected)} file hash(es) match the lock"

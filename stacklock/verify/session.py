@@ -19,10 +19,12 @@ from stacklock.errors import EngineError, StacklockError
 from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
 from stacklock.gguf.reader import read_gguf
+from stacklock.lock.diff import embedded_template, explain_model, template_diff
 from stacklock.lock.load import load_template
 from stacklock.lock.project import read_lock, read_manifest, write_lock
+from stacklock.lock.resolve import pin_model
 from stacklock.lock.smoke import effective_add_bos, render_smoke
-from stacklock.model.lock import Lock, SmokePin
+from stacklock.model.lock import FilePin, Lock, SmokePin
 from stacklock.registry.fetch import resolve_registries
 from stacklock.sources.model import fetch_model, parse_model_source
 from stacklock.verify.compare import (
@@ -122,8 +124,39 @@ def _artifacts(lock: Lock, base: Path, cache: HashCache) -> StageResult:
     observed: dict[str, str | None] = {}
     for label, path in model_files(lock, base).items():
         observed[label] = None if path is None else cache.sha256(path)
+    changes: tuple[str, ...] = ()
+    diff = None
+    model_path = locate(lock.model.path, base)
+    if model_path is not None and observed[lock.model.path] != lock.model.sha256:
+        changes, diff = _explain_model(lock, model_path, cache)
     cache.save()
-    return compare_artifacts(expected, observed)
+    return compare_artifacts(expected, observed, changes=changes, diff=diff)
+
+
+def _explain_model(lock: Lock, path: Path, cache: HashCache) -> tuple[tuple[str, ...], str | None]:
+    """Which parts of a changed model file changed, and the embedded template's diff when it did."""
+    try:
+        gguf = read_gguf(path)
+    except StacklockError as exc:
+        return (f"the file is no longer a readable GGUF: {exc.one_line()}",), None
+    header = header_from_gguf(gguf)
+    digests = cache.digests(path, lambda _: gguf.data_offset)
+    parts = tuple(FilePin(path=p.path, sha256=p.sha256, size=p.size) for p in lock.model.parts)
+    now = pin_model(
+        header,
+        digests,
+        source=lock.model.source,
+        path=lock.model.path,
+        revision=lock.model.revision,
+        size=path.stat().st_size,
+        parts=parts,
+    )
+    old_text = embedded_template(lock)
+    new_text = header.chat_template
+    changes = explain_model(lock.model, now, old_template=old_text, new_template=new_text)
+    if old_text is None or new_text is None or old_text == new_text:
+        return changes, None
+    return changes, template_diff(old_text, new_text, name="tokenizer.chat_template")
 
 
 def _reference_template(manifest_path: Path, lock: Lock) -> str | None:
