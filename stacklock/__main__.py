@@ -1,3 +1,3 @@
-from stacklock.cli.app import main
+from stacklock.cli.fast import main
 
 main()

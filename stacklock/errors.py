@@ -10,8 +10,11 @@ its ``exit_code``. Anything else that escapes is a bug and keeps its traceback.
     ├── InputError                      a file the user gave us is wrong
     │   ├── ManifestError               llmstack.toml
     │   ├── LockError                   llmstack.lock (unreadable, wrong version)
+    │   │   └── NewerLockError          written by a newer stacklock
+    │   ├── FileError                   a path that cannot be read or written (directory, permission, disk full)
     │   ├── GGUFError                   a malformed GGUF file (names field and byte offset)
     │   ├── TemplateError               a chat template that fails, escapes or runs away
+    │   │   └── RenderLimitError        a render that ran past its time, output or memory bound
     │   ├── RegistryError               a malformed registry rule, template or stack entry
     │   └── SourceError                 a source that cannot be resolved (missing file, bad hf:// URL)
     ├── StaleLockError                  exit 1: the lock no longer matches its inputs
@@ -68,12 +71,24 @@ class LockError(InputError):
     pass
 
 
+class NewerLockError(LockError):
+    """A lock written by a newer stacklock: readable by neither ``check`` nor ``lock`` (which must not replace it)."""
+
+
+class FileError(InputError):
+    """A path the user gave that cannot be read or written: a directory, no permission, a full disk."""
+
+
 class GGUFError(InputError):
     pass
 
 
 class TemplateError(InputError):
     pass
+
+
+class RenderLimitError(TemplateError):
+    """A render that ran past its time, output or memory bound: every other render of that template would too."""
 
 
 class RegistryError(InputError):

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +12,7 @@ import pytest
 
 from stacklock.cli.app import main
 from tests.gguf_builder import build_tiny_gguf
+from tests.hub_server import hub  # noqa: F401 - The local hub fixture, for every test module.
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -52,3 +56,57 @@ def tiny_project(tmp_path: Path) -> Iterator[Path]:
     old = os.getcwd()
     yield tmp_path
     os.chdir(old)
+
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """Installs the test suite's engine plugins (tests/plugins/NAME) for one test, for this process and its
+    children: each directory holds a module and its ``.dist-info``, so importlib.metadata finds the entry
+    points for real."""
+
+    monkeypatch: pytest.MonkeyPatch
+
+    def add(self, name: str) -> Path:
+        path = PLUGINS / name
+        self.monkeypatch.syspath_prepend(str(path))
+        paths = [str(path), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        self.monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+        return path
+
+
+@pytest.fixture
+def plugins(monkeypatch: pytest.MonkeyPatch) -> Plugins:
+    return Plugins(monkeypatch)
+
+
+@pytest.fixture
+def fake_engine(plugins: Plugins) -> str:
+    """The fake engine (tests/plugins/fake_engine) registered under 'fake'; its name."""
+    plugins.add("fake_engine")
+    return "fake"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_fresh(code: str) -> str:
+    """The standard output of ``code`` run in a fresh interpreter, with another hash seed, in another directory.
+
+    "Deterministic" must mean this: comparing two calls in one process cannot see state that a process
+    carries (hash randomisation, caches, the working directory).
+    """
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(paths)},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout

@@ -205,7 +205,7 @@ def build_tiny_gguf(
     if tokenizer is not None:
         if tokenizer == "llama":
             tokens, scores, types = spm_vocab()
-            defaults = {"pre": None, "bos": 1, "eos": 2, "unk": 0}
+            defaults: dict[str, Any] = {"pre": None, "bos": 1, "eos": 2, "unk": 0}
             merges: list[str] | None = None
         elif tokenizer == "gpt2":
             tokens, types, merges, eos_text = bpe_vocab()

@@ -109,6 +109,16 @@ def _verify_json(cli: Cli, project: Path, *args: str) -> tuple[int, Any]:
     return result.code, json.loads(result.out)
 
 
+def _steps(names: list[str]) -> list[str]:
+    """The lines a piped record or verify of the tiny model prints, one per step of the engine's run."""
+    return [
+        "loading the engine",
+        "loading the model tiny.gguf",
+        "asking the engine how it would render a chat",
+        *(f"running the smoke prompt '{name}'" for name in names),
+    ]
+
+
 # The whole chain ------------------------------------------------------------------------------------------
 
 
@@ -155,7 +165,7 @@ def test_init_lock_record_verify_certifies_the_stack(tmp_path: Path, cli: Cli) -
 
     certified = cli("verify", "--certificate", "cert.json", cwd=tmp_path)
     assert certified.code == 0
-    assert certified.err == "wrote cert.json\n"
+    assert certified.err.splitlines() == [*_steps(names), "wrote cert.json"]
     certificate = json.loads((tmp_path / "cert.json").read_text(encoding="utf-8"))
     lock_bytes = (tmp_path / "llmstack.lock").read_bytes()
     assert certificate["lock-sha256"] == hashlib.sha256(lock_bytes).hexdigest()
@@ -273,6 +283,17 @@ def test_a_flipped_model_byte_fails_at_artifacts(recorded: Path, cli: Cli) -> No
         )
 
 
+def test_a_truncated_model_fails_at_artifacts_before_the_engine_loads_it(recorded: Path, cli: Cli) -> None:
+    model = recorded / "tiny.gguf"
+    model.write_bytes(model.read_bytes()[:4096])
+    code, report = _verify_json(cli, recorded)
+    # Exit 1 (the stack changed), not exit 3 from an engine that cannot load half a file.
+    assert code == 1
+    for name in ("hello", "raw"):
+        assert _result(report, name)["first-failure"] == "artifacts"
+        assert _stage(report, name, "generation")["status"] == "skip"
+
+
 def test_a_stop_string_that_cuts_the_output_fails_at_output(recorded: Path, cli: Cli) -> None:
     golden = next(p for p in _lock(recorded).smoke if p.name == "hello").golden
     assert golden is not None
@@ -350,8 +371,14 @@ def test_an_engine_crash_is_exit_3_with_one_clear_line(tmp_path: Path, cli: Cli)
         result = cli(command, cwd=tmp_path)
         assert result.code == 3
         assert result.out == ""
-        assert result.err.count("\n") == 1
-        assert result.err.startswith(
+        *steps, error = result.err.splitlines()
+        assert steps == [
+            "loading the engine",
+            "loading the model tiny.gguf",
+            "asking the engine how it would render a chat",
+            "running the smoke prompt 'hello'",
+        ]
+        assert error.startswith(
             "error: the engine (llama-cpp-python) crashed (signal SIGABRT) while running the smoke prompt "
             "'hello': terminate called after throwing an instance of 'std::out_of_range' | "
             "what():  unordered_map::at"
@@ -371,8 +398,8 @@ def test_a_model_the_engine_refuses_is_exit_3_quoting_llama_cpp(tmp_path: Path, 
     assert cli("lock", cwd=tmp_path).code == 0
     result = cli("record", cwd=tmp_path)
     assert result.code == 3
-    assert result.err.count("\n") == 1
     assert result.err == (
+        "loading the engine\nloading the model tiny.gguf\n"
         "error: llama-cpp-python could not load tiny.gguf: Failed to load model from file: tiny.gguf "
         "(llama.cpp: llama_model_load: error loading model: error loading model hyperparameters: key "
         "llama.attention.head_count_kv has wrong type i32 but expected type u32 | "
@@ -475,7 +502,10 @@ def test_record_and_verify_keep_the_engines_log_off_the_terminal(tmp_path: Path)
     assert run("lock").returncode == 0
     record = run("record")
     assert record.returncode == 0, record.stderr
+    # On a pipe, the reporter writes one plain line per step: no progress bars, no control codes.
+    names = ["greeting", "arithmetic", "completion"]
     assert [line.split(" ", 1)[0] for line in record.stderr.splitlines()] == [
+        *(line.split(" ", 1)[0] for line in _steps(names)),
         "recorded",
         "recorded",
         "recorded",
@@ -483,7 +513,8 @@ def test_record_and_verify_keep_the_engines_log_off_the_terminal(tmp_path: Path)
     ]
     verify = run("verify")
     assert verify.returncode == 0, verify.stderr
-    assert verify.stderr == ""
+    assert verify.stderr.splitlines() == _steps(names)
+    assert "\x1b" not in record.stderr + verify.stderr + verify.stdout
     assert "n_ctx_train" not in verify.stdout + record.stderr
 
 

@@ -30,6 +30,9 @@ source = "model.gguf"
 [template]
 source = "gguf"
 
+[sampler]
+temperature = 0.0
+
 [engine]
 name = "llama-cpp-python"
 version = "=={LCP_VERSION}"
@@ -63,7 +66,7 @@ def test_check_reports_the_findings_of_a_refused_lock(tmp_path: Path, cli: Cli) 
     project = _project(tmp_path, BROKEN)
     refused = cli("lock", cwd=project)
     assert refused.code == 1
-    assert refused.err.startswith("error: rule tmpl-generation-prompt-ignored: ")
+    assert refused.err.startswith("hashing model.gguf\nerror: rule tmpl-generation-prompt-ignored: ")
     assert not (project / "llmstack.lock").exists()
 
     text = cli("check", cwd=project)

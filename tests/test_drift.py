@@ -91,7 +91,8 @@ def test_a_re_upload_with_only_the_template_changed_is_explained_by_lock_check(
     build_tiny_gguf(project / "tiny.gguf", chat_template=CHATML_FIXED)
     result = cli("lock", "--check", cwd=project)
     assert result.code == 1
-    first = result.err.splitlines()[0]
+    step, first = result.err.splitlines()[:2]
+    assert step == "hashing tiny.gguf"  # The reporter's one line per step, on a pipe.
     assert "tiny.gguf changed" in first
     assert "the embedded chat template changed (diff below); tensor data identical" in first
     assert "metadata changed" not in first
@@ -108,7 +109,7 @@ def test_lock_check_names_the_metadata_key_and_the_tensor_data(tmp_path: Path, c
     assert "metadata changed: general.name; tensor data identical" in renamed.err
     build_tiny_gguf(project / "tiny.gguf", chat_template=CHATML, seed=1)
     retrained = cli("lock", "--check", cwd=project)
-    assert retrained.err.splitlines()[0].endswith(
+    assert retrained.err.splitlines()[1].endswith(
         "): tensor data changed; run `stacklock lock` to re-pin (and `stacklock record`), or restore the locked file"
     )
 

@@ -33,12 +33,14 @@ RAW_SMOKE = """
 [[smoke]]
 name = "raw"
 prompt = "Once upon a time"
+max-tokens = 4
 """
 
 CHAT_SMOKE = """
 [[smoke]]
 name = "hello"
 messages = [{ role = "user", content = "Hello" }]
+max-tokens = 4
 """
 
 SYSTEM_SMOKE = """
@@ -66,11 +68,13 @@ def manifest(
     engine: str = "llama-cpp-python",
     version: str = f"=={LCP_VERSION}",
     backend: str = "",
+    sampler: str = "temperature = 0.0",
     smoke: str = RAW_SMOKE,
 ) -> str:
     return (
         f'[stack]\nname = "facts"\n\n[model]\nsource = "tiny.gguf"\n\n[template]\nsource = "{template}"\n\n'
-        f'[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n{backend}\n{smoke}'
+        f'[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n{backend}\n'
+        f"[sampler]\n{sampler}\n{smoke}"
     )
 
 
@@ -170,6 +174,7 @@ def test_missing_template_on_llama_cpp_python_stops_the_lock(tmp_path: Path, cli
     rule = RULES[MISSING_TEMPLATE_LCP]
     assert result.code == 1
     assert result.err == (
+        "hashing tiny.gguf\n"  # The reporter's one line per step, on a pipe.
         f"error: rule {rule.id}: {rule.title}; {rule.fix} — or accept it with --allow {rule.id} --reason TEXT\n"
     )
     assert not (tmp_path / "llmstack.lock").exists()
@@ -295,7 +300,7 @@ def test_system_smoke_on_a_template_rejecting_it_names_the_rule(tmp_path: Path, 
     (tmp_path / "llmstack.toml").write_text(manifest(smoke=SYSTEM_SMOKE))
     result = cli("lock", cwd=tmp_path)
     assert result.code == 1
-    assert result.err.startswith("error: rule tmpl-system-role-rejected-by-engine: ")
+    assert result.err.startswith("hashing tiny.gguf\nerror: rule tmpl-system-role-rejected-by-engine: ")
 
 
 def test_system_smoke_on_a_template_rejecting_it_is_refused_in_one_line(tmp_path: Path, cli: Cli) -> None:
@@ -303,8 +308,9 @@ def test_system_smoke_on_a_template_rejecting_it_is_refused_in_one_line(tmp_path
     (tmp_path / "llmstack.toml").write_text(manifest(smoke=SYSTEM_SMOKE))
     result = cli("lock", cwd=tmp_path)
     assert result.code != 0
-    assert result.err.startswith("error: ")
-    assert result.err.count("\n") == 1
+    step, error = result.err.splitlines()
+    assert step == "hashing tiny.gguf"
+    assert error.startswith("error: ")
     assert not (tmp_path / "llmstack.lock").exists()
 
 

@@ -1,30 +1,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 
 import pytest
 
 from stacklock.files.atomic import write_bytes_atomic, write_text_atomic
-from stacklock.files.digest import HashCache, TerminalProgress, sha256_file
-
-
-class CountingProgress:
-    def __init__(self) -> None:
-        self.total = 0
-        self.done: list[int] = []
-        self.finished = False
-
-    def start(self, path: Path, total: int) -> None:
-        self.total = total
-
-    def advance(self, done: int) -> None:
-        self.done.append(done)
-
-    def finish(self) -> None:
-        self.finished = True
+from stacklock.files.digest import HashCache, sha256_file
+from tests.recording import RecordingReporter
 
 
 def _file(tmp_path: Path, size: int, name: str = "m.bin") -> Path:
@@ -35,11 +19,17 @@ def _file(tmp_path: Path, size: int, name: str = "m.bin") -> Path:
 
 def test_sha256_matches_hashlib(tmp_path: Path) -> None:
     path = _file(tmp_path, (3 << 20) + 17)
-    progress = CountingProgress()
-    assert sha256_file(path, progress) == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert progress.total == (3 << 20) + 17
-    assert progress.done[-1] == progress.total
-    assert progress.finished
+    reporter = RecordingReporter()
+    assert sha256_file(path, reporter) == hashlib.sha256(path.read_bytes()).hexdigest()
+    total = (3 << 20) + 17
+    assert reporter.calls[0] == ("started", f"hashing {path.name}")
+    assert reporter.progress_of(f"hashing {path.name}") == [
+        (1 << 20, total),
+        (2 << 20, total),
+        (3 << 20, total),
+        (total, total),
+    ]
+    assert reporter.calls[-1] == ("finished", f"hashing {path.name}")
 
 
 def test_cache_serves_unchanged_file_without_reading(tmp_path: Path) -> None:
@@ -47,18 +37,18 @@ def test_cache_serves_unchanged_file_without_reading(tmp_path: Path) -> None:
     cache = HashCache(tmp_path / "cache")
     first = cache.sha256(path)
     cache.save()
-    progress = CountingProgress()
-    assert HashCache(tmp_path / "cache").sha256(path, progress=progress) == first
-    assert progress.done == []  # Served from the cache: nothing was read.
+    reporter = RecordingReporter()
+    assert HashCache(tmp_path / "cache").sha256(path, reporter=reporter) == first
+    assert reporter.calls == []  # Served from the cache: nothing was read.
 
 
 def test_no_cache_forces_rehash(tmp_path: Path) -> None:
     path = _file(tmp_path, 1000)
     cache = HashCache(tmp_path / "cache")
     cache.sha256(path)
-    progress = CountingProgress()
-    cache.sha256(path, use_cache=False, progress=progress)
-    assert progress.done == [1000]
+    reporter = RecordingReporter()
+    cache.sha256(path, use_cache=False, reporter=reporter)
+    assert reporter.progress_of(f"hashing {path.name}") == [(1000, 1000)]
 
 
 def test_changed_file_is_rehashed(tmp_path: Path) -> None:
@@ -80,22 +70,6 @@ def test_damaged_cache_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "hashes.json").write_text("{not json")
     assert HashCache(tmp_path / "cache").sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_progress_bar_draws_only_on_a_terminal() -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    tty, pipe = Tty(), io.StringIO()
-    for stream in (tty, pipe):
-        bar = TerminalProgress(stream, min_bytes=0)
-        bar.start(Path("model.gguf"), 100)
-        bar.advance(50)
-        bar.finish()
-    assert "hashing model.gguf" in tty.getvalue()
-    assert " 50%" in tty.getvalue()
-    assert pipe.getvalue() == ""
 
 
 def test_atomic_write_replaces_and_keeps_mode(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,12 +32,15 @@ BACKEND = ("-fa", "off", "--swa-full", "--jinja")
 
 
 @pytest.fixture(scope="module")
-def gemma() -> Path:
+def gemma() -> Iterator[Path]:
     llama_server_binary()
     path = gemma_model_path()
     if path is None:
         pytest.skip("the Gemma 3 270M model is not installed (the 'example' extra)")
-    return path
+    # The projects link the shared model file, which lies outside them: the user allows its directory.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STACKLOCK_ALLOW_PATHS", str(path.resolve().parent))
+        yield path
 
 
 def _served_manifest(project: Path) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from stacklock.model.lock import parse_lock, render_lock
+from stacklock.model.lock import created_by, parse_lock, render_lock
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
 
@@ -50,6 +52,7 @@ expect = { regex = ".*" }
 [[smoke]]
 name = "raw"
 prompt = "Once upon a time"
+max-tokens = 4
 """
 
 Cli = Callable[..., Result]
@@ -91,7 +94,8 @@ def test_lock_round_trips(tmp_path: Path, cli: Cli) -> None:
     lock = parse_lock(text)
     assert render_lock(lock) == text
     assert lock.sampler.origin["seed"] == "manifest"
-    assert lock.sampler.origin["top-k"] == "engine-default"
+    # llama.cpp has no adapter: its defaults are unknown, never llama-cpp-python's.
+    assert lock.sampler.origin["top-k"] == "unknown"
     assert lock.engine.version == "b4628"
     assert lock.engine.build == 4628
     assert lock.template.features == ()
@@ -161,9 +165,13 @@ def test_check_names_the_pinned_file_whose_hash_changed(tmp_path: Path, cli: Cli
     result = cli("lock", "--check", cwd=project)
     assert result.code == 1
     now = hashlib.sha256(model.read_bytes()).hexdigest()
-    assert result.err == (
-        f"error: llmstack.lock is stale: tiny.gguf changed ({locked.model.sha256[:12]}… → {now[:12]}…): "
-        "tensor data changed; run `stacklock lock` to re-pin (and `stacklock record`), or restore the locked file\n"
+    assert (
+        result.err
+        == (
+            "hashing tiny.gguf\n"  # The reporter's one line per step, on a pipe.
+            f"error: llmstack.lock is stale: tiny.gguf changed ({locked.model.sha256[:12]}… → {now[:12]}…): "
+            "tensor data changed; run `stacklock lock` to re-pin (and `stacklock record`), or restore the locked file\n"
+        )
     )
 
 
@@ -186,7 +194,7 @@ def test_failed_lock_leaves_the_previous_lock_intact(tmp_path: Path, cli: Cli) -
     result = cli("lock", cwd=project)
     assert result.code == 2
     assert result.err == (
-        "error: template.source: file not found: missing.jinja; fix the path (relative to llmstack.toml)\n"
+        "error: template.source: file not found: missing.jinja; fix the path (relative to llmstack.toml) or create the file\n"
     )
     assert (project / "llmstack.lock").read_bytes() == before
     assert sorted(p.name for p in project.iterdir()) == ["llmstack.lock", "llmstack.toml", "tiny.gguf"]
@@ -209,6 +217,7 @@ def test_malformed_gguf_is_one_line(tmp_path: Path, cli: Cli) -> None:
     model.write_bytes(model.read_bytes()[:100])
     result = cli("lock", cwd=project)
     assert result.code == 2
+    # The header is parsed before the file is hashed: no step started, the error is the only line.
     assert result.err.count("\n") == 1
     assert result.err.startswith("error: ")
     assert "tiny.gguf" in result.err
@@ -221,7 +230,8 @@ def test_chat_smoke_without_a_template_is_explained(tmp_path: Path, cli: Cli) ->
     (tmp_path / "llmstack.toml").write_text(PINNED_MANIFEST)
     result = cli("lock", cwd=tmp_path)
     assert result.code != 0
-    assert result.err.count("\n") == 1
+    assert result.err.splitlines()[0] == "hashing tiny.gguf"
+    assert result.err.count("\n") == 2
 
 
 def test_init_then_lock_then_check(tiny_project: Path, cli: Cli) -> None:
@@ -324,3 +334,53 @@ def test_split_model_pins_every_part(tmp_path: Path, cli: Cli) -> None:
     result = cli("lock", "--check", cwd=tmp_path)
     assert result.code == 1
     assert f"model.parts[{len(parts) - 2}].sha256" in result.err
+
+
+def test_a_lock_from_a_newer_stacklock_is_refused_naming_both_versions(tmp_path: Path, cli: Cli) -> None:
+    project = _project(tmp_path)
+    assert cli("lock", cwd=project).code == 0
+    path = project / "llmstack.lock"
+    newer = (
+        path.read_text()
+        .replace("lock-version = 1", "lock-version = 2")
+        .replace(f'created-by = "{created_by()}"', 'created-by = "stacklock 9.0.0"')
+    )
+    path.write_text(newer)
+    expected = (
+        f"error: llmstack.lock: lock-version 2 (written by stacklock 9.0.0) is newer than {created_by()} reads "
+        "(lock-version 1); upgrade stacklock; re-locking with this version would discard what the newer one "
+        "pinned\n"
+    )
+    for command in (["check"], ["verify"], ["lock", "--check"], ["lock"]):
+        result = cli(*command, cwd=project)
+        assert (result.code, result.err) == (2, expected), command
+    # `lock` did not replace the newer lock with an older format.
+    assert path.read_text() == newer
+
+
+def test_a_lock_with_a_prefixed_manifest_hash_stays_fresh(tmp_path: Path, cli: Cli) -> None:
+    # Locks written before the one digest format carried `manifest-hash = "sha256:<hex>"`.
+    project = _project(tmp_path)
+    assert cli("lock", cwd=project).code == 0
+    path = project / "llmstack.lock"
+    text = path.read_text()
+    digest = parse_lock(text).manifest_hash
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    path.write_text(text.replace(f'manifest-hash = "{digest}"', f'manifest-hash = "sha256:{digest}"'))
+    assert parse_lock(path.read_text()).manifest_hash == digest
+    result = cli("lock", "--check", cwd=project)
+    assert result.code == 0, result.err
+
+
+def test_init_writes_valid_toml_for_any_model_name(tmp_path: Path, cli: Cli) -> None:
+    # The model's own name goes into the description: quotes, backslashes and a DEL character (which JSON
+    # leaves raw but TOML forbids in a string) must come out as valid TOML, so tomlkit writes it.
+    name = 'tiny "q" \\ \x7f ü'
+    build_tiny_gguf(tmp_path / "tiny.gguf", chat_template=CHATML, name=name)
+    assert cli("init", "tiny.gguf", cwd=tmp_path).code == 0
+    manifest = tomllib.loads((tmp_path / "llmstack.toml").read_text(encoding="utf-8"))
+    assert manifest["stack"]["description"] == f"{name} (llama, F32) on CPU"
+    assert manifest["smoke"][0]["messages"] == [
+        {"role": "user", "content": "Say hello in one short sentence."}
+    ]
+    assert cli("lock", cwd=tmp_path).code == 0

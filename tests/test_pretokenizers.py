@@ -25,7 +25,7 @@ IDS = {"tok-pre-tokenizer-unknown-to-engine", "tok-pre-tokenizer-unknown"}
 def manifest(build: str) -> str:
     return (
         '[stack]\nname = "pre"\n\n[model]\nsource = "tiny.gguf"\n\n[template]\nsource = "gguf"\n\n'
-        f'[engine]\nname = "llama.cpp"\nversion = "=={build}"\n\n[backend]\nkind = "cpu"\n\n'
+        f'[engine]\nname = "llama.cpp"\nversion = "=={build}"\n\n[backend]\nkind = "cpu"\n\n[sampler]\ntemperature = 0.0\nmax-tokens = 4\n\n'
         '[[smoke]]\nname = "raw"\nprompt = "Hello"\n'
     )
 

@@ -56,7 +56,7 @@ def manifest(
 ) -> str:
     return (
         '[stack]\nname = "probes"\n\n[model]\nsource = "tiny.gguf"\n\n[template]\nsource = "gguf"\n'
-        f'{variables}\n[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n\n'
+        f'{variables}\n[engine]\nname = "{engine}"\nversion = "{version}"\n\n[backend]\nkind = "cpu"\n\n[sampler]\ntemperature = 0.0\nmax-tokens = 4\n\n'
         '[[smoke]]\nname = "hello"\nmessages = [{ role = "user", content = "Hello" }]\n'
     )
 
@@ -106,10 +106,12 @@ def test_a_set_variable_is_not_undefined(tmp_path: Path) -> None:
 
 
 @pytest.mark.gemma
-def test_the_gemma_stack_raises_no_probe(tmp_path: Path) -> None:
+def test_the_gemma_stack_raises_no_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = gemma_model_path()
     if model is None:
         pytest.skip("the Gemma 3 270M package is not installed (the 'example' extra)")
+    # The manifest names the installed model by its absolute path: the user allows its directory.
+    monkeypatch.setenv("STACKLOCK_ALLOW_PATHS", str(model.parent))
     (tmp_path / "llmstack.toml").write_text(
         manifest()
         .replace('source = "tiny.gguf"', f'source = "{model.as_posix()}"')

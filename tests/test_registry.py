@@ -10,17 +10,25 @@ import json
 import subprocess
 import tarfile
 import threading
+import tomllib
 from typing import TYPE_CHECKING
 
 import pytest
 
 from stacklock.errors import NetworkError, RegistryError
 from stacklock.model.findings import RegistryPin, RegistrySource
-from stacklock.registry.export import export_stack_entry
+from stacklock.registry.export import export_stack_entry, render_stack_meta
 from stacklock.registry.fetch import compare_pins, resolve_registries
-from stacklock.registry.files import json_schemas, load_bundled_registry, read_registry, registry_digest
+from stacklock.registry.files import (
+    StackMeta,
+    json_schemas,
+    load_bundled_registry,
+    read_registry,
+    registry_digest,
+)
 from stacklock.registry.query import find_stack, find_template, list_entries, search_entries, show_entry
 from stacklock.rules.predicates import evaluate, rules_for
+from tests.conftest import run_fresh
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -108,8 +116,11 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
 
 def test_bundled_registry_loads_and_its_digest_is_stable() -> None:
     first = load_bundled_registry()
-    again = load_bundled_registry()
-    assert first.pin == again.pin
+    # Stable means: the same in another process, with another hash seed, from another directory.
+    again = run_fresh(
+        "from stacklock.registry.files import load_bundled_registry as load; print(load().pin.digest)"
+    )
+    assert again.strip() == first.pin.digest
     assert first.pin.name == "bundled"
     assert len(first.pin.digest) == 64
     assert len(first.rules) >= 30
@@ -119,6 +130,8 @@ def test_bundled_registry_loads_and_its_digest_is_stable() -> None:
 
 def test_digest_covers_paths_and_contents() -> None:
     base = {"registry.toml": b"a", "rules/x.toml": b"b"}
+    # Known value: hashlib on the literal stream b"registry.toml\0" b"1\0" b"a" b"rules/x.toml\0" b"1\0" b"b".
+    assert registry_digest(base) == "4caeaab80ab3b7d9c91e3a104653de34ec254d9883d6228f40d120567a3083f8"
     assert registry_digest(base) == registry_digest(dict(reversed(base.items())))
     assert registry_digest(base) != registry_digest({**base, "rules/x.toml": b"c"})
     assert registry_digest(base) != registry_digest({"registry.toml": b"a", "rules/y.toml": b"b"})
@@ -248,9 +261,9 @@ def test_http_errors_and_plain_http_elsewhere(tmp_path: Path, served: tuple[Serv
         resolve_registries([missing], cache_dir=tmp_path, include_bundled=False)
     assert str(caught.value) == f"registry 'c': {missing.url} answered HTTP 404 File not found; check the URL"
     remote = RegistrySource(name="c", url="http://example.org/r.tar.gz")
-    with pytest.raises(RegistryError) as caught:
+    with pytest.raises(RegistryError) as refused:
         resolve_registries([remote], cache_dir=tmp_path, include_bundled=False)
-    assert str(caught.value) == (
+    assert str(refused.value) == (
         "registry 'c': http://example.org/r.tar.gz: plain http is only allowed for 127.0.0.1 and localhost; use https://"
     )
 
@@ -435,3 +448,11 @@ def test_json_schemas_describe_the_registry_files() -> None:
     assert "Predicate" in rule["$defs"]
     assert "format-version" in schemas["registry-index.schema.json"]["properties"]
     assert "source-revision" in schemas["registry-template.schema.json"]["properties"]
+
+
+def test_stack_meta_is_written_as_valid_toml_whatever_its_text() -> None:
+    # A DEL character is left raw by JSON string escaping but is not allowed in a TOML string.
+    meta = StackMeta(name="tiny", title='Tiny "q" \\ \x7f ü', description="two\nlines", tags=("a\x7f", "b"))
+    text = render_stack_meta(meta)
+    assert StackMeta.model_validate(tomllib.loads(text)) == meta
+    assert render_stack_meta(StackMeta(name="tiny", title="t")) == 'name = "tiny"\ntitle = "t"\n'

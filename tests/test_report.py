@@ -11,6 +11,7 @@ from stacklock.engines.base import EngineIdentity
 from stacklock.report.verify import render, render_json, render_junit, render_text
 from stacklock.verify.compare import (
     Candidate,
+    Stage,
     StageResult,
     Tolerance,
     VerifyReport,
@@ -18,6 +19,7 @@ from stacklock.verify.compare import (
     skipped,
     smoke_result,
 )
+from tests.conftest import run_fresh
 
 ENGINE = EngineIdentity(
     name="llama-cpp-python",
@@ -32,11 +34,11 @@ ENGINE = EngineIdentity(
 )
 
 
-def passing(stage):
+def passing(stage: Stage) -> StageResult:
     return StageResult(stage=stage, status="pass", detail=f"{stage} matches")
 
 
-def make_report():
+def make_report() -> VerifyReport:
     good = smoke_result(
         "greeting", [passing(s) for s in ("artifacts", "template", "tokenization", "generation", "output")]
     )
@@ -65,7 +67,7 @@ def make_report():
     return build_report([good, bad, unrecorded], engine=ENGINE, recorded_engine={"backend": "cuda"})
 
 
-def test_text_shows_every_stage_and_names_the_first_failure():
+def test_text_shows_every_stage_and_names_the_first_failure() -> None:
     text = render_text(make_report())
     lines = text.splitlines()
     assert lines[0] == "engine: llama-cpp-python 0.3.36, build 0c1e570 on cpu (AMD EPYC)"
@@ -80,7 +82,7 @@ def test_text_shows_every_stage_and_names_the_first_failure():
     assert lines[-1] == "not reproduced: 1 of 3 smoke prompt(s) failed"
 
 
-def test_text_verdicts():
+def test_text_verdicts() -> None:
     ok = build_report([smoke_result("a", [passing("output")])])
     assert render_text(ok).endswith("reproduced: 1 smoke prompt(s), every stage identical to the recording\n")
     tolerated = build_report(
@@ -92,7 +94,7 @@ def test_text_verdicts():
     )
 
 
-def test_json_round_trips_and_uses_kebab_case():
+def test_json_round_trips_and_uses_kebab_case() -> None:
     report = make_report()
     rendered = render_json(report)
     data = json.loads(rendered)
@@ -101,7 +103,7 @@ def test_json_round_trips_and_uses_kebab_case():
     assert VerifyReport.model_validate_json(rendered) == report
 
 
-def test_junit_has_one_case_per_stage_with_failures_and_skips():
+def test_junit_has_one_case_per_stage_with_failures_and_skips() -> None:
     root = ET.fromstring(render_junit(make_report()))
     suite = root.find("testsuite")
     assert suite is not None
@@ -124,12 +126,13 @@ def test_junit_has_one_case_per_stage_with_failures_and_skips():
     assert properties["engine.devices"] == "CPU: AMD EPYC"
 
 
-def test_rendering_is_deterministic():
-    assert render_junit(make_report()) == render_junit(make_report())
-    assert render_json(make_report()) == render_json(make_report())
+def test_rendering_is_deterministic() -> None:
+    code = "from tests.test_report import make_report; from stacklock.report.verify import render_{0}; print(render_{0}(make_report()), end='')"
+    assert run_fresh(code.format("junit")) == render_junit(make_report())
+    assert run_fresh(code.format("json")) == render_json(make_report())
 
 
-def test_render_dispatch():
+def test_render_dispatch() -> None:
     report = make_report()
     assert render(report, "text") == render_text(report)
     assert render(report, "junit") == render_junit(report)

@@ -6,7 +6,7 @@ import pytest
 
 from stacklock.errors import RegistryError
 from stacklock.model.findings import Allowance, Severity
-from stacklock.rules.predicates import Rule, compile_predicate, evaluate, parse_rule, split_allowed, triage
+from stacklock.rules.predicates import Rule, compile_predicate, evaluate, judge, parse_rule
 
 HEAD = """id = "x"
 title = "t"
@@ -244,42 +244,49 @@ def test_evaluate_sorts_by_severity_then_id_and_names_the_registry() -> None:
     assert evaluate(rules, {}) == ()
 
 
-def test_allowances_split_errors_and_stale_allowances_must_be_removed() -> None:
+def test_allowances_given_now_must_match_an_error_and_carried_ones_go_stale() -> None:
     always = 'fact = "engine.name"\npresent = true'
     rules = [rule(always, rid="e1"), rule(always, rid="e2"), rule(always, rid="w1", severity="warning")]
     findings = evaluate(rules, {"engine.name": "x"})
-    allow = [
+    given = [
         Allowance(rule="e1", reason="known"),
         Allowance(rule="w1", reason="x"),
         Allowance(rule="gone", reason="y"),
     ]
-    result = triage(findings, allow)
-    assert [f.rule for f in result.blocking] == ["e2"]
+    result = judge(findings, given=given)
     assert [f.rule for f in result.allowed] == ["e1"]
-    assert [f.rule for f in result.recorded] == ["w1"]
-    assert [a.rule for a in result.unused] == ["w1", "gone"]
-    assert not result.ok
-    assert result.problems[1:] == (
-        "--allow w1: the rule is a warning, which never blocks a lock; remove the allowance",
-        (
-            "--allow gone: the rule found no error in this stack; remove the allowance, or it would accept a future "
-            "error unseen"
-        ),
-    )
-    blocking, used = split_allowed(findings, allow)
-    assert [a.rule for a in used] == ["e1"]
-    assert [(f.rule, f.registry, f.severity) for f in blocking] == [
+    assert [a.rule for a in result.allowances] == ["e1"]
+    assert [(f.rule, f.registry, f.severity) for f in result.blocking] == [
         ("e2", "bundled", Severity.ERROR),
         ("w1", "lock", Severity.ERROR),
         ("gone", "lock", Severity.ERROR),
     ]
+    assert [f.title for f in result.blocking[1:]] == [
+        "--allow w1 matches no error finding (the rule is a warning, which never blocks)",
+        "--allow gone matches no error finding (the rule found nothing)",
+    ]
     assert (
-        blocking[2].fix
+        result.blocking[2].fix
         == "remove the allowance: re-lock without --allow gone, or delete it from the lock's allowances"
     )
-    assert triage(findings, [Allowance(rule="e1", reason="a"), Allowance(rule="e2", reason="b")]).ok
+    assert not result.ok
+    # The same allowances carried in a lock: the unused ones are stale, not blocking; a given one wins.
+    carried = judge(findings, given=[Allowance(rule="e2", reason="now")], carried=given)
+    assert [f.rule for f in carried.blocking] == []
+    assert [(a.rule, a.reason) for a in carried.allowances] == [("e2", "now"), ("e1", "known")]
+    assert [a.rule for a in carried.stale] == ["w1", "gone"]
+    assert carried.ok
 
 
-def test_evaluating_the_same_facts_twice_gives_identical_findings() -> None:
+def test_evaluate_turns_a_matching_rule_into_its_finding() -> None:
     r = rule('fact = "engine.name"\npresent = true')
-    assert evaluate([r], {"engine.name": "x"}) == evaluate([r], {"engine.name": "x"})
+    (finding,) = evaluate([r], {"engine.name": "x"})
+    assert (finding.rule, finding.severity, finding.title, finding.registry) == (
+        "x",
+        Severity.ERROR,
+        "t",
+        "bundled",
+    )
+    assert (finding.explanation, finding.fix) == ("e", "f")
+    assert finding.references == ("ggml-org/llama.cpp#8197",)
+    assert evaluate([r], {"model.architecture": "llama"}) == ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +161,13 @@ def _validate(
         if "pattern" in schema and not re.search(schema["pattern"], value):
             errors.append(f"{at}: {value!r} does not match {schema['pattern']!r}")
     if _is_type(value, "number"):
-        for keyword, ok in (
+        bounds: tuple[tuple[str, Callable[[float], bool]], ...] = (
             ("minimum", lambda bound: value >= bound),
             ("maximum", lambda bound: value <= bound),
             ("exclusiveMinimum", lambda bound: value > bound),
             ("exclusiveMaximum", lambda bound: value < bound),
-        ):
+        )
+        for keyword, ok in bounds:
             if keyword in schema and not ok(schema[keyword]):
                 errors.append(f"{at}: {value!r} fails {keyword} {schema[keyword]}")
     if isinstance(value, dict):

@@ -162,7 +162,7 @@ def test_shared_stack_is_reused_through_a_registry_served_over_http(
     listed = cli("registry", "list", "--kind", "stack", "--registry", url, cwd=elsewhere)
     assert listed.code == 0, listed.err
     assert listed.out == f"{'stack':<8} {STACK:<48} {'extra-1':<10} A tiny ChatML stack, shared\n"
-    assert listed.err == "1 entry\n"
+    assert listed.err == f"fetching registry 'extra-1' from {url}\n1 entry\n"
 
 
 def test_init_from_a_stack_the_served_registry_lacks(

@@ -1,21 +1,14 @@
 """Model sources: parsing, local files, and ``hf://`` through the real huggingface_hub client.
 
-The hub is a small hub-compatible HTTP server on 127.0.0.1, serving what ``hf_hub_download`` asks for the way
-huggingface.co does for LFS files: ``HEAD /{repo}/resolve/{revision}/{path}`` answers 302 with ``X-Repo-Commit``,
-``X-Linked-Etag`` and ``X-Linked-Size``, pointing at a second server (the "CDN", another origin, so the
-client stops there as it does for the real CDN), which serves the bytes. Errors carry the hub's
-``X-Error-Code`` header. Nothing here reaches the real hub.
+The hub is the hub-compatible HTTP server of :mod:`tests.hub_server` on 127.0.0.1. Nothing here reaches the
+real hub.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
 
@@ -30,127 +23,12 @@ from stacklock.sources.model import (
 )
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
+from tests.hub_server import Hub
+from tests.recording import RecordingReporter
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OLD_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 REPO = "tiny-org/tiny-gguf"
-
-
-# ------------------------------------------------------------------------------------------- a local hub
-
-
-@dataclass
-class Hub:
-    """Repositories by id: branches and tags name commits; each commit maps paths to file contents."""
-
-    refs: dict[str, dict[str, str]] = field(default_factory=dict)
-    commits: dict[str, dict[str, dict[str, bytes]]] = field(default_factory=dict)
-    blobs: dict[str, bytes] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
-    url: str = ""
-    cdn_url: str = ""
-
-    def add(
-        self, repo: str, commit: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",)
-    ) -> None:
-        self.commits.setdefault(repo, {})[commit] = files
-        for ref in refs:
-            self.refs.setdefault(repo, {})[ref] = commit
-        for content in files.values():
-            self.blobs[hashlib.sha256(content).hexdigest()] = content
-
-
-def _handler(hub: Hub, *, cdn: bool) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:  # The test output stays clean.
-            pass
-
-        def do_HEAD(self) -> None:
-            self._answer(body=False)
-
-        def do_GET(self) -> None:
-            self._answer(body=True)
-
-        def _send(self, status: int, headers: dict[str, str], body: bytes = b"", *, send_body: bool) -> None:
-            self.send_response(status)
-            for name, value in {**headers, "Content-Length": str(len(body))}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            if send_body:
-                self.wfile.write(body)
-
-        def _error(
-            self, code: str, message: str, extra: dict[str, str] | None = None, *, send_body: bool
-        ) -> None:
-            headers = {"X-Error-Code": code, "X-Error-Message": message, **(extra or {})}
-            self._send(404, headers, message.encode(), send_body=send_body)
-
-        def _answer(self, *, body: bool) -> None:
-            path = unquote(self.path.split("?", 1)[0])
-            hub.requests.append(f"{self.command} {path}")
-            if path.startswith("/blobs/"):
-                content = hub.blobs.get(path.removeprefix("/blobs/"))
-                if content is None:
-                    self._send(404, {}, send_body=body)
-                else:
-                    self._send(200, {"Content-Type": "application/octet-stream"}, content, send_body=body)
-                return
-            if cdn:  # Like any web server that is not a hub: a page, and none of the hub's headers.
-                self._send(200, {"Content-Type": "text/html"}, b"<html>not a hub</html>", send_body=body)
-                return
-            # /{owner}/{name}/resolve/{revision}/{path...}
-            parts = path.lstrip("/").split("/")
-            if len(parts) < 5 or parts[2] != "resolve":
-                self._send(400, {}, b"bad request", send_body=body)
-                return
-            repo, revision, filename = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
-            if repo not in hub.commits:
-                self._error("RepoNotFound", "Repository not found", send_body=body)
-                return
-            commit = hub.refs[repo].get(revision, revision)
-            if commit not in hub.commits[repo]:
-                self._error("RevisionNotFound", f"Invalid rev id: {revision}", send_body=body)
-                return
-            content = hub.commits[repo][commit].get(filename)
-            if content is None:
-                self._error(
-                    "EntryNotFound", f"{filename} does not exist", {"X-Repo-Commit": commit}, send_body=body
-                )
-                return
-            sha = hashlib.sha256(content).hexdigest()
-            headers = {
-                "Location": f"{hub.cdn_url}/blobs/{sha}",
-                "X-Repo-Commit": commit,
-                "X-Linked-Etag": f'"{sha}"',
-                "X-Linked-Size": str(len(content)),
-                "ETag": f'"{hashlib.sha1(content).hexdigest()}"',  # The LFS pointer's git oid.
-            }
-            self._send(302, headers, send_body=body)
-
-    return Handler
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Hub]:
-    """A running local hub (and its CDN), with HF_ENDPOINT and an empty hub cache pointed at it."""
-    state = Hub()
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(state, cdn=cdn)) for cdn in (False, True)]
-    threads = [threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True) for s in servers]
-    for thread in threads:
-        thread.start()
-    state.url, state.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
-    monkeypatch.setenv("HF_ENDPOINT", state.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # No token file of the user's is read.
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    yield state
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -311,6 +189,33 @@ def test_offline_without_the_file_cached_is_a_network_error(hub: Hub, model_byte
     assert hub.requests == []
 
 
+def test_a_hub_cache_that_cannot_be_written_is_not_a_network_error(
+    hub: Hub, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The cache directory lies under a regular file: the download itself works, storing it cannot.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "a-file" / "hub"))
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    with pytest.raises(SourceError) as info:
+        _fetch(f"hf://{REPO}/tiny.gguf")
+    assert str(info.value).startswith(
+        f"model.source: hf://{REPO}@main/tiny.gguf: cannot write the hub cache: "
+    )
+    assert "Not a directory" in str(info.value)
+    assert str(info.value).endswith("; free disk space, or point HF_HUB_CACHE at a writable directory")
+    assert info.value.exit_code == ExitCode.BAD_INPUT
+
+
+def test_a_download_reports_its_bytes(hub: Hub, model_bytes: bytes) -> None:
+    hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
+    reporter = RecordingReporter()
+    fetch_model(parse_model_source(f"hf://{REPO}/tiny.gguf"), Path("/nonexistent"), reporter=reporter)
+    step = f"fetching hf://{REPO}@main/tiny.gguf"
+    assert reporter.steps == [step]
+    assert reporter.progress_of(step)[-1] == (len(model_bytes), len(model_bytes))
+    assert reporter.calls[-1] == ("finished", step)
+
+
 def test_an_endpoint_that_is_not_a_hub_is_a_network_error(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
     # HF_ENDPOINT at a plain web server (here the CDN) and nothing cached: the client cannot fall back to the
     # cache. (A closed port would do too, but the client retries it for about 20 seconds.)
@@ -322,7 +227,8 @@ def test_an_endpoint_that_is_not_a_hub_is_a_network_error(hub: Hub, monkeypatch:
         "go online once to download it, or set HF_ENDPOINT"
     )
     assert int(info.value.exit_code) == 3
-    assert hub.requests == [f"HEAD /{REPO}/resolve/main/tiny.gguf"]
+    # First the quick reachability probe (it answers, so the client asks), then the client's one request.
+    assert hub.requests == ["HEAD /", f"HEAD /{REPO}/resolve/main/tiny.gguf"]
 
 
 # ------------------------------------------------------------------------------------------ through the CLI
@@ -393,5 +299,7 @@ def test_lock_hub_errors_exit_with_one_line(
     hub.add(REPO, COMMIT, {"tiny.gguf": model_bytes})
     project = _hub_project(tmp_path, source)
     result = cli("lock", *(["--offline"] if offline else []), cwd=project)
-    assert (result.code, result.err) == (code, error)
+    # Online, a hub model is locked from its metadata and header (no download step); offline, from the cache.
+    step = f"fetching {source}\n" if offline else ""
+    assert (result.code, result.err) == (code, f"{step}{error}")
     assert not (project / "llmstack.lock").exists()

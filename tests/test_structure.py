@@ -174,7 +174,7 @@ def _project(tmp_path: Path, **arguments: Any) -> Path:
     build_tiny_gguf(tmp_path / "tiny.gguf", chat_template=CHATML, **arguments)
     (tmp_path / "llmstack.toml").write_text(
         '[stack]\nname = "broken"\n\n[model]\nsource = "tiny.gguf"\n\n[template]\nsource = "gguf"\n\n'
-        '[engine]\nname = "llama-cpp-python"\n\n[[smoke]]\nname = "hi"\nmax-tokens = 2\n'
+        '[engine]\nname = "llama-cpp-python"\n\n[sampler]\ntemperature = 0.0\n\n[[smoke]]\nname = "hi"\nmax-tokens = 2\n'
         'messages = [{ role = "user", content = "hello" }]\n'
     )
     return tmp_path

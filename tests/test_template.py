@@ -7,7 +7,9 @@ import hashlib
 import json
 import time
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,7 +52,7 @@ TOJSON = (
     "{{ tools | tojson }}\n{{ tools[0] | tojson(indent=2) }}\n{{ tools[0] | tojson(sort_keys=true,"
     " separators=(',', ':')) }}\n{{ messages[0] | tojson }}|{{ unk_token }}|{{ enable_thinking }}"
 )
-GEMMA_MESSAGES = [
+GEMMA_MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "  Hello <b> & 'friends'  "},
     {"role": "assistant", "content": "Hi!"},
@@ -76,8 +78,14 @@ TOOLS = [
 
 
 def render(
-    template, messages=USER, *, add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>", **kw
-):
+    template: str,
+    messages: Sequence[Mapping[str, Any]] = USER,
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str | None = "<bos>",
+    eos_token: str | None = "<eos>",
+    **kw: Any,
+) -> str:
     return render_chat_template(
         template,
         messages,
@@ -90,7 +98,7 @@ def render(
     )
 
 
-def error_of(template, messages=USER, **kw):
+def error_of(template: str, messages: Sequence[Mapping[str, Any]] = USER, **kw: Any) -> str:
     with pytest.raises(TemplateError) as info:
         render(template, messages, **kw)
     message = str(info.value)
@@ -101,7 +109,7 @@ def error_of(template, messages=USER, **kw):
 # --- The registry copy of the Gemma 3 template --------------------------------------------------------
 
 
-def test_gemma3_registry_entry_matches_its_file():
+def test_gemma3_registry_entry_matches_its_file() -> None:
     entry = tomllib.loads((ROOT / "registry" / "templates" / "gemma3-it.toml").read_text(encoding="utf-8"))
     digest = hashlib.sha256((ROOT / "registry" / "templates" / "gemma3-it.jinja").read_bytes()).hexdigest()
     assert entry["sha256"] == digest
@@ -112,18 +120,18 @@ def test_gemma3_registry_entry_matches_its_file():
 # --- Goldens rendered by transformers -----------------------------------------------------------------
 
 
-def test_gemma3_merges_system_into_first_user_turn():
+def test_gemma3_merges_system_into_first_user_turn() -> None:
     assert render(GEMMA, GEMMA_MESSAGES) == GOLDEN["gemma3"]
     assert GOLDEN["gemma3"].startswith(
         "<bos><start_of_turn>user\nBe brief.\n\nHello <b> & 'friends'<end_of_turn>"
     )
 
 
-def test_gemma3_without_generation_prompt():
+def test_gemma3_without_generation_prompt() -> None:
     assert render(GEMMA, GEMMA_MESSAGES[1:3], add_generation_prompt=False) == GOLDEN["gemma3-nogen"]
 
 
-def test_gemma3_rejects_two_user_turns_in_a_row():
+def test_gemma3_rejects_two_user_turns_in_a_row() -> None:
     assert (
         GOLDEN["gemma3-alt"]
         == "EXC TemplateError: Conversation roles must alternate user/assistant/user/assistant/..."
@@ -134,7 +142,7 @@ def test_gemma3_rejects_two_user_turns_in_a_row():
     )
 
 
-def test_chatml():
+def test_chatml() -> None:
     messages = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "Hi"},
@@ -143,13 +151,13 @@ def test_chatml():
     assert render(CHATML, messages, bos_token=None, eos_token=None) == GOLDEN["chatml"]
 
 
-def test_llama3_with_bos_token():
+def test_llama3_with_bos_token() -> None:
     messages = [{"role": "system", "content": " sys "}, {"role": "user", "content": "Hi"}]
     got = render(LLAMA3, messages, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     assert got == GOLDEN["llama3"]
 
 
-def test_unset_bos_token_is_undefined_as_in_transformers():
+def test_unset_bos_token_is_undefined_as_in_transformers() -> None:
     # transformers passes special_tokens_map, which leaves unset tokens out, so `bos_token + x` fails.
     assert GOLDEN["llama3-nobos"] == "EXC UndefinedError: 'bos_token' is undefined"
     assert error_of(LLAMA3, add_generation_prompt=False, bos_token=None) == (
@@ -159,7 +167,7 @@ def test_unset_bos_token_is_undefined_as_in_transformers():
     assert render("[{{ bos_token }}][{{ eos_token }}]", bos_token=None, eos_token=None) == "[][]"
 
 
-def test_generation_tag_and_break():
+def test_generation_tag_and_break() -> None:
     messages = [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "b"},
@@ -170,7 +178,7 @@ def test_generation_tag_and_break():
     assert got == GOLDEN["gen"] == "[user] ab</s>[user] c"
 
 
-def test_tojson_like_transformers_and_extra_context():
+def test_tojson_like_transformers_and_extra_context() -> None:
     messages = [{"role": "user", "content": "é<>&'", "thinking": "hmm"}]
     got = render(
         TOJSON, messages, add_generation_prompt=False, tools=TOOLS, extra_context={"enable_thinking": False}
@@ -181,38 +189,34 @@ def test_tojson_like_transformers_and_extra_context():
     assert '{"thinking": "hmm", "role": "user", "content": "é<>&\'", "reasoning_content": "hmm"}' in got
 
 
-def test_none_values_are_dropped_and_extra_context_overrides_tokens():
+def test_none_values_are_dropped_and_extra_context_overrides_tokens() -> None:
     template = "{{ messages[0].content is defined }}|{{ bos_token }}|{{ tools }}|{{ documents }}"
     messages = [{"role": "user", "content": None}]
     assert render(template, messages, extra_context={"bos_token": "<B>"}) == "False|<B>|None|None"
 
 
-def test_strftime_now_uses_the_pinned_clock():
+def test_strftime_now_uses_the_pinned_clock() -> None:
     assert render("{{ strftime_now('%d %b %Y %H:%M') }}") == "01 Mar 2025 12:30"
     assert render("{{ strftime_now(format='%Y') }}") == "2025"
 
 
-def test_undefined_renders_empty():
+def test_undefined_renders_empty() -> None:
     assert render("a{{ nothing }}b{{ config }}{{ request }}c") == "abc"
 
 
-def test_renders_are_deterministic():
-    assert render(GEMMA, GEMMA_MESSAGES) == render(GEMMA, GEMMA_MESSAGES)
-
-
-def test_empty_conversation_is_refused():
+def test_empty_conversation_is_refused() -> None:
     assert error_of(GEMMA, []) == (
         f"{LABEL}: cannot apply a chat template to an empty conversation; provide at least one message"
     )
 
 
-def test_extra_context_cannot_replace_messages():
+def test_extra_context_cannot_replace_messages() -> None:
     assert error_of("x", extra_context={"messages": []}) == (
         f"{LABEL}: extra context may not set 'messages'; pass these as arguments of the render instead"
     )
 
 
-def test_default_origin_label():
+def test_default_origin_label() -> None:
     with pytest.raises(TemplateError, match=r"^chat template raised: boom; "):
         render_chat_template(
             "{{ raise_exception('boom') }}",
@@ -224,7 +228,7 @@ def test_default_origin_label():
         )
 
 
-def test_raise_exception_message_is_one_line():
+def test_raise_exception_message_is_one_line() -> None:
     assert error_of("{{ raise_exception('System role\nnot supported') }}") == (
         f"{LABEL} raised: System role not supported; the messages do not fit what this template accepts"
     )
@@ -233,7 +237,7 @@ def test_raise_exception_message_is_one_line():
 # --- Syntax errors ------------------------------------------------------------------------------------
 
 
-def test_syntax_error_names_the_line():
+def test_syntax_error_names_the_line() -> None:
     text = "{{ bos_token }}\n{% if x %}\n{{ x }\n{% endif %}"
     with pytest.raises(TemplateError) as info:
         compile_check(text, "x.jinja")
@@ -241,9 +245,12 @@ def test_syntax_error_names_the_line():
     assert error_of(text) == str(info.value)
 
 
-def test_compile_check_accepts_gemma_and_extension_tags():
+def test_compile_check_accepts_gemma_and_extension_tags() -> None:
     compile_check(GEMMA, "gemma3-it.jinja")
     compile_check(GEN, "gen.jinja")
+    # The same extension tag, left open, is refused: the check parses, it does not just return.
+    with pytest.raises(TemplateError, match=r"^chat template \(gen\.jinja\)"):
+        compile_check("{% generation %}{{ m }}", "gen.jinja")
 
 
 # --- The sandbox --------------------------------------------------------------------------------------
@@ -278,7 +285,7 @@ ESCAPE_HINT = "; this template is unsafe; do not use it"
         ),
     ],
 )
-def test_sandbox_escapes_fail_in_one_line(template, detail):
+def test_sandbox_escapes_fail_in_one_line(template: str, detail: str) -> None:
     assert error_of(template) == f"{LABEL} line 1 tried to escape the sandbox: {detail}{ESCAPE_HINT}"
 
 
@@ -303,7 +310,7 @@ TIME_ERROR = f"{LABEL}: rendering exceeded 0.3 s; the template loops too long; c
         ),
     ],
 )
-def test_long_loops_stop_at_the_deadline(template):
+def test_long_loops_stop_at_the_deadline(template: str) -> None:
     started = time.monotonic()
     assert error_of(template, limits=FAST) == TIME_ERROR
     assert time.monotonic() - started < 1.5
@@ -316,7 +323,7 @@ def test_long_loops_stop_at_the_deadline(template):
         "{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}",
     ],
 )
-def test_endless_recursion_is_translated(template):
+def test_endless_recursion_is_translated(template: str) -> None:
     assert error_of(template) == (
         f"{LABEL}: recursion too deep; the template recurses without end; check its macros and recursive loops"
     )
@@ -365,7 +372,7 @@ SIZE_HINT = "; the template builds a runaway value; check its '*', '+', '~' and 
         ("{{ messages | tojson(indent=10**5) }}", "a tojson indent of 100000"),
     ],
 )
-def test_size_bombs_fail_fast(template, detail):
+def test_size_bombs_fail_fast(template: str, detail: str) -> None:
     started = time.monotonic()
     assert error_of(template) == f"{LABEL} line 1: {detail} exceeds the limit of 1000000{SIZE_HINT}"
     assert time.monotonic() - started < 1.0
@@ -381,30 +388,32 @@ def test_size_bombs_fail_fast(template, detail):
         ),
     ],
 )
-def test_huge_integers_fail_fast(template, bits):
+def test_huge_integers_fail_fast(template: str, bits: int) -> None:
     assert error_of(template) == (
         f"{LABEL} line 1: an integer of {bits} bits exceeds the limit of 10000 bits; "
         "the template computes a runaway number; check its arithmetic"
     )
 
 
-def test_output_cap():
+def test_output_cap() -> None:
     template = "{% for i in range(100000) %}{{ 'x' * 64 }}{% endfor %}"
     assert error_of(template) == (
         f"{LABEL}: output exceeded 1000000 characters; "
         "the template writes runaway output; check its loops or raise RenderLimits.max_output_chars"
     )
-    assert len(render(template, limits=RenderLimits(max_output_chars=6_400_000))) == 6_400_000
+    # A generous time budget: this asserts the output cap, not the speed of a loaded CI machine.
+    limits = RenderLimits(max_output_chars=6_400_000, max_seconds=60.0)
+    assert len(render(template, limits=limits)) == 6_400_000
 
 
-def test_range_keeps_the_sandbox_cap():
+def test_range_keeps_the_sandbox_cap() -> None:
     assert error_of("{{ range(10**6) | list }}") == (
         f"{LABEL} line 1 failed: OverflowError: Range too big. The sandbox blocks ranges larger than MAX_RANGE "
         "(100000).; check the template against the messages it was given"
     )
 
 
-def test_guards_keep_jinja_semantics():
+def test_guards_keep_jinja_semantics() -> None:
     template = (
         "{% for i in range(3) %}{{ loop.length }}{{ loop.last }}{% endfor %}|{{ range(3) }}|{{ range(3) | list }}"
         "|{{ 'a' ~ 1 ~ none }}|{% for k, v in {'a': 1}.items() %}{{ k }}{{ v }}{% else %}empty{% endfor %}"
@@ -416,7 +425,7 @@ def test_guards_keep_jinja_semantics():
 # --- Dialect and features -----------------------------------------------------------------------------
 
 
-def test_dialect():
+def test_dialect() -> None:
     assert (
         template_dialect((DATA / "ollama-gemma3-instruct.gotmpl").read_text(encoding="utf-8"))
         == "go-template"
@@ -428,11 +437,11 @@ def test_dialect():
     assert template_dialect(" \n") == "empty"
 
 
-def test_features_of_gemma3():
+def test_features_of_gemma3() -> None:
     assert template_features(GEMMA) == ("bos-token", "raise-exception", "role-alternation")
 
 
-def test_features_found_on_the_ast():
+def test_features_found_on_the_ast() -> None:
     text = (
         "{{ bos_token }}{{ eos_token }}{% generation %}{% endgeneration %}{% for m in messages %}{% break %}"
         "{% endfor %}{{ strftime_now('%Y') }}{{ x | tojson }}{{ s[::-1] }}{{ s.startswith('a') }}{{ d.keys() }}"
@@ -443,9 +452,33 @@ def test_features_found_on_the_ast():
     assert template_features(text) == FEATURES
 
 
-def test_features_fall_back_to_regex_on_broken_text():
+def test_features_fall_back_to_regex_on_broken_text() -> None:
     assert template_features("{{ bos_token }}{% for x in y %}{{ x | tojson }}") == ("bos-token", "tojson")
 
 
-def test_features_ignore_look_alikes():
+def test_features_ignore_look_alikes() -> None:
     assert template_features("{{ 'tools and bos_token' }}{{ s[::1] }}") == ()
+
+
+class _LimitsWithoutValueSize:
+    """A caller's limits object that lacks a field the guard code reads: a programming error, not the template's."""
+
+    max_seconds = 2.0
+    max_output_chars = 1000
+    max_int_bits = 64
+    max_tojson_indent = 4
+
+
+def test_a_bug_in_the_guard_code_is_not_blamed_on_the_template() -> None:
+    # The guard code reads limits.max_value_size for every string the template builds: the AttributeError is
+    # stacklock's (its caller's) bug and keeps its traceback instead of becoming the user's TemplateError. The
+    # render runs in a forked worker, which reports the bug to the parent as a RuntimeError naming it.
+    with pytest.raises(RuntimeError, match=r"the render worker failed: AttributeError: .*max_value_size"):
+        render("{{ 'ab' ~ 'cd' }}", limits=_LimitsWithoutValueSize())
+
+
+def test_a_template_that_fails_on_its_values_is_still_a_template_error() -> None:
+    assert error_of("{{ 1 / 0 }}") == (
+        f"chat template ({ORIGIN}) line 1 failed: ZeroDivisionError: division by zero; check the template against "
+        "the messages it was given"
+    )

@@ -59,12 +59,15 @@ def test_gpt2_fingerprint(tmp_path: Path) -> None:
     assert (fp.eot_id, fp.eot_text) == (5, tokens[5])
 
 
-def test_fingerprint_is_deterministic(tmp_path: Path) -> None:
-    first = build_tiny_gguf(tmp_path / "a.gguf", tokenizer="gpt2")
-    second = build_tiny_gguf(tmp_path / "b.gguf", tokenizer="gpt2")
-    assert first.read_bytes() == second.read_bytes()
-    assert fingerprint(first) == fingerprint(second)
-    assert fingerprint(first).model_dump_json() == fingerprint(second).model_dump_json()
+def test_fingerprint_digests_are_pinned(tmp_path: Path) -> None:
+    # Known values for the builder's byte-level BPE vocabulary (799 tokens, 538 merges), computed once and
+    # checked against the independent encoding above (strings_sha256). The digests are pinned in every lock:
+    # a change of their encoding would make every lock stale, so it must show here first.
+    fp = fingerprint(build_tiny_gguf(tmp_path / "a.gguf", tokenizer="gpt2"))
+    assert (fp.vocab_size, fp.merges_count) == (799, 538)
+    assert fp.tokens_sha256 == "3a0cb8b556a602f685048be99aa595946c328733ad13d53fe8d277d007d6dfc6"
+    assert fp.merges_sha256 == "d199d75c59705c9874c4f11c82583b46eee38b7c9ef74e2e6b697c041f064f51"
+    assert fp.token_types_sha256 == "d8972f9884438a2a526f24df2d0615ff769076613771f03a79f77d1e39f7ec78"
 
 
 @pytest.mark.parametrize(

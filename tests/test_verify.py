@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 
-from stacklock.engines.base import EngineIdentity, Generation, Observation, StepLogprobs, sha256_tokens
+from stacklock.engines.base import (
+    EngineIdentity,
+    Generation,
+    Observation,
+    StepLogprobs,
+    StopReason,
+    sha256_tokens,
+)
 from stacklock.files.digest import sha256_text
 from stacklock.model.lock import SmokeGolden
 from stacklock.model.manifest import Expectation
@@ -41,17 +51,22 @@ PIECES = {
 }
 
 
-def decode(tokens):
+def decode(tokens: Sequence[int]) -> str:
     return "".join(PIECES.get(t, f"<{t}>") for t in tokens)
 
 
-def step(token, top):
+def step(token: int, top: Sequence[tuple[int, float]]) -> StepLogprobs:
     return StepLogprobs(token=token, logprob=dict(top)[token], top=tuple(top))
 
 
 def generation(
-    tokens=(13, 15, EOS), *, prompt=(BOS, 10, 11, 12), text=" Paris.", stop_reason="eos", steps=None
-):
+    tokens: tuple[int, ...] = (13, 15, EOS),
+    *,
+    prompt: tuple[int, ...] = (BOS, 10, 11, 12),
+    text: str = " Paris.",
+    stop_reason: StopReason = "eos",
+    steps: tuple[StepLogprobs, ...] | None = None,
+) -> Generation:
     if steps is None:
         steps = tuple(step(t, [(t, -0.1), (14, -2.5), (16, -3.0)]) for t in tokens)
     return Generation(
@@ -64,7 +79,7 @@ def generation(
     )
 
 
-def observation(gen=None, rendered="<bos>The capital is"):
+def observation(gen: Generation | None = None, rendered: str = "<bos>The capital is") -> Observation:
     gen = gen or generation()
     return Observation(rendered=rendered, rendered_sha256=sha256_text(rendered), generation=gen, top_k=3)
 
@@ -72,7 +87,7 @@ def observation(gen=None, rendered="<bos>The capital is"):
 GOLDEN = golden_from_observation(observation())
 
 
-def identity(**changes):
+def identity(**changes: Any) -> EngineIdentity:
     base = {
         "name": "llama-cpp-python",
         "version": "0.3.36",
@@ -90,7 +105,7 @@ def identity(**changes):
 # Goldens -----------------------------------------------------------------------------------------------------
 
 
-def test_golden_from_observation_rounds_logprobs_and_stores_short_prompts():
+def test_golden_from_observation_rounds_logprobs_and_stores_short_prompts() -> None:
     steps = (StepLogprobs(token=13, logprob=-0.123456, top=((13, -0.123456), (14, -2.0000449))),)
     golden = golden_from_observation(
         observation(generation((13,), text=" Paris", stop_reason="max-tokens", steps=steps))
@@ -98,31 +113,37 @@ def test_golden_from_observation_rounds_logprobs_and_stores_short_prompts():
     assert golden.top_logprobs == (((13, -0.1235), (14, -2.0)),)
     assert golden.prompt_tokens == (BOS, 10, 11, 12)
     assert golden.prompt_token_count == 4
-    assert golden.prompt_tokens_sha256 == sha256_tokens((BOS, 10, 11, 12))
+    assert golden.prompt_tokens_sha256 == "e58e0a447759fe987652c7da47241842136fd07d8df9d6b3f66bc119121b4852"
     assert golden.tokens == (13,)
     assert golden.stop_reason == "max-tokens"
 
 
-def test_golden_keeps_only_the_digest_of_long_prompts():
+def test_golden_keeps_only_the_digest_of_long_prompts() -> None:
     prompt = (BOS,) + (10,) * MAX_STORED_PROMPT_TOKENS
     golden = golden_from_observation(observation(generation(prompt=prompt)))
     assert golden.prompt_tokens is None
     assert golden.prompt_token_count == MAX_STORED_PROMPT_TOKENS + 1
 
 
-def test_token_digest_is_fixed():
-    # The digest format is part of the lock format: ids in decimal joined by commas.
-    assert sha256_tokens((1, 22, 333)) == sha256_text("1,22,333")
+def test_token_digest_is_fixed() -> None:
+    # The digest format is part of the lock format: ids in decimal joined by commas. Known values, computed
+    # once with hashlib on the literal bytes b"", b"1,22,333" and b"2,10,11,12"; a change would orphan every
+    # golden ever recorded.
+    assert sha256_tokens(()) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert sha256_tokens((1, 22, 333)) == "8915516745284e69425d3f566025a855f5a5718d6d44f09451fb19d0f61fc185"
+    assert (
+        sha256_tokens((BOS, 10, 11, 12)) == "e58e0a447759fe987652c7da47241842136fd07d8df9d6b3f66bc119121b4852"
+    )
 
 
-def test_recording_uses_kebab_case_identity_keys():
+def test_recording_uses_kebab_case_identity_keys() -> None:
     recording = recording_from(identity(), {"os": "Linux 6.8", "machine": "x86_64", "python": "3.11.7"}, 5)
     assert recording.engine["system-info"] == "CPU : AVX2 = 1 |"
     assert recording.engine["devices"] == ("CPU: AMD EPYC",)
     assert recording.top_k == 5
 
 
-def test_first_difference():
+def test_first_difference() -> None:
     assert first_difference("abc", "abc") is None
     assert first_difference("abc", "abd") == 2
     assert first_difference((1, 2), (1, 2, 3)) == 2
@@ -131,7 +152,7 @@ def test_first_difference():
 # Artifacts ---------------------------------------------------------------------------------------------------
 
 
-def test_artifacts_pass_and_fail():
+def test_artifacts_pass_and_fail() -> None:
     digest = "a" * 64
     assert compare_artifacts({"model gemma.gguf": digest}, {"model gemma.gguf": digest}).status == "pass"
     changed = compare_artifacts({"model gemma.gguf": digest}, {"model gemma.gguf": "b" * 64})
@@ -149,7 +170,7 @@ def test_artifacts_pass_and_fail():
 TEMPLATE = "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
 
 
-def test_render_passes_on_equal_digest():
+def test_render_passes_on_equal_digest() -> None:
     rendered = "<start_of_turn>user\nhi<end_of_turn>\n"
     result = compare_render(
         sha256_text(rendered), rendered, template=TEMPLATE, template_sha256=sha256_text(TEMPLATE)
@@ -157,7 +178,7 @@ def test_render_passes_on_equal_digest():
     assert result.status == "pass"
 
 
-def test_render_names_the_first_differing_character_of_an_edited_template():
+def test_render_names_the_first_differing_character_of_an_edited_template() -> None:
     edited = TEMPLATE.replace("<start_of_turn>", "<start_of_turm>")
     result = compare_render(
         sha256_text("x"),
@@ -175,7 +196,7 @@ def test_render_names_the_first_differing_character_of_an_edited_template():
     assert "got '… %}<start_of_turm>{{ m.role }}\\n{{ m.cont…'" in result.detail
 
 
-def test_render_fails_on_an_edited_template_even_when_the_render_is_unchanged():
+def test_render_fails_on_an_edited_template_even_when_the_render_is_unchanged() -> None:
     rendered = "<start_of_turn>user\nhi<end_of_turn>\n"
     edited = TEMPLATE + "{# a comment #}"
     result = compare_render(
@@ -185,7 +206,7 @@ def test_render_fails_on_an_edited_template_even_when_the_render_is_unchanged():
     assert result.detail.startswith("the locked template text was edited: its sha256 is ")
 
 
-def test_render_diff_against_a_reference_render_gives_line_and_column():
+def test_render_diff_against_a_reference_render_gives_line_and_column() -> None:
     expected = "<start_of_turn>user\nhello<end_of_turn>\n"
     observed = "<start_of_turn>user\nHello<end_of_turn>\n"
     result = compare_render(sha256_text(expected), observed, expected_rendered=expected)
@@ -193,7 +214,7 @@ def test_render_diff_against_a_reference_render_gives_line_and_column():
     assert result.detail.startswith("the rendered prompt differs at character 20 (line 2, column 1): ")
 
 
-def test_render_with_unchanged_template_blames_the_renderer():
+def test_render_with_unchanged_template_blames_the_renderer() -> None:
     result = compare_render(sha256_text("a"), "b", template=TEMPLATE, template_sha256=sha256_text(TEMPLATE))
     assert result.status == "fail"
     assert "with the template text unchanged: the renderer" in result.detail
@@ -202,13 +223,13 @@ def test_render_with_unchanged_template_blames_the_renderer():
 # Tokenization ------------------------------------------------------------------------------------------------
 
 
-def test_tokens_pass():
+def test_tokens_pass() -> None:
     result = compare_tokens(GOLDEN, (BOS, 10, 11, 12), bos_id=BOS)
     assert result.status == "pass"
     assert result.detail == "4 prompt tokens match the recording"
 
 
-def test_double_bos_is_called_out():
+def test_double_bos_is_called_out() -> None:
     result = compare_tokens(GOLDEN, (BOS, BOS, 10, 11, 12), bos_id=BOS, decode=decode)
     assert result.status == "fail"
     assert result.detail == (
@@ -219,13 +240,13 @@ def test_double_bos_is_called_out():
     assert result.position == 1
 
 
-def test_missing_bos_is_called_out():
+def test_missing_bos_is_called_out() -> None:
     result = compare_tokens(GOLDEN, (10, 11, 12), bos_id=BOS, decode=decode)
     assert result.detail.startswith("the BOS token (2 '<bos>') is missing at the start of the prompt")
     assert "add-bos setting changed" in result.detail
 
 
-def test_extra_bos_is_called_out():
+def test_extra_bos_is_called_out() -> None:
     golden = golden_from_observation(observation(generation(prompt=(10, 11, 12))))
     result = compare_tokens(golden, (BOS, 10, 11, 12), bos_id=BOS, decode=decode)
     assert result.detail.startswith(
@@ -233,12 +254,12 @@ def test_extra_bos_is_called_out():
     )
 
 
-def test_appended_eos_is_called_out():
+def test_appended_eos_is_called_out() -> None:
     result = compare_tokens(GOLDEN, (BOS, 10, 11, 12, EOS), bos_id=BOS, eos_id=EOS, decode=decode)
     assert result.detail.startswith("an EOS token (1 '<eos>') now ends the prompt")
 
 
-def test_first_differing_prompt_token():
+def test_first_differing_prompt_token() -> None:
     result = compare_tokens(GOLDEN, (BOS, 10, 16, 12), bos_id=BOS, decode=decode)
     assert result.position == 2
     assert result.detail.startswith(
@@ -246,7 +267,7 @@ def test_first_differing_prompt_token():
     )
 
 
-def test_long_prompt_difference_without_ids():
+def test_long_prompt_difference_without_ids() -> None:
     prompt = (BOS,) + (10,) * MAX_STORED_PROMPT_TOKENS
     golden = golden_from_observation(observation(generation(prompt=prompt)))
     result = compare_tokens(golden, prompt[:-1], bos_id=BOS)
@@ -257,7 +278,7 @@ def test_long_prompt_difference_without_ids():
 # Generation --------------------------------------------------------------------------------------------------
 
 
-def test_generation_pass_reports_drift():
+def test_generation_pass_reports_drift() -> None:
     steps = (
         step(13, [(13, -0.10004), (14, -2.5), (16, -3.0)]),
         step(15, [(15, -0.1), (14, -2.5), (16, -3.0)]),
@@ -268,7 +289,7 @@ def test_generation_pass_reports_drift():
     assert result.detail == "3 generated tokens match the recording (largest logprob drift 0.0100)"
 
 
-def test_generation_names_the_first_differing_token_and_alternatives():
+def test_generation_names_the_first_differing_token_and_alternatives() -> None:
     steps = (step(14, [(14, -0.2), (16, -1.9), (17, -2.5)]), step(15, [(15, -0.1)]), step(EOS, [(EOS, -0.1)]))
     result = compare_generation(
         GOLDEN, generation((14, 15, EOS), steps=steps, text=" London."), decode=decode
@@ -285,7 +306,7 @@ def test_generation_names_the_first_differing_token_and_alternatives():
     )
 
 
-def near_tie(gap):
+def near_tie(gap: float) -> Generation:
     steps = (
         step(14, [(14, -0.6), (13, -0.6 - gap), (16, -3.0)]),
         step(15, [(15, -0.1)]),
@@ -294,20 +315,20 @@ def near_tie(gap):
     return generation((14, 15, EOS), steps=steps, text=" London.")
 
 
-def test_near_tie_is_tolerated_only_when_asked():
+def test_near_tie_is_tolerated_only_when_asked() -> None:
     assert compare_generation(GOLDEN, near_tie(0.05), decode=decode).status == "fail"
     result = compare_generation(GOLDEN, near_tie(0.05), tolerance=Tolerance(margin=0.1), decode=decode)
     assert result.status == "tolerated"
     assert "a near-tie within the margin 0.1, accepted; the 0 tokens before it match" in result.detail
 
 
-def test_gap_beyond_the_margin_is_not_tolerated():
+def test_gap_beyond_the_margin_is_not_tolerated() -> None:
     result = compare_generation(GOLDEN, near_tie(0.3), tolerance=Tolerance(margin=0.1), decode=decode)
     assert result.status == "fail"
     assert "the recorded token is at logprob -0.9000, 0.3000 below" in result.detail
 
 
-def test_tolerance_needs_the_golden_token_in_the_top_k():
+def test_tolerance_needs_the_golden_token_in_the_top_k() -> None:
     steps = (step(14, [(14, -0.6), (16, -0.61)]), step(15, [(15, -0.1)]), step(EOS, [(EOS, -0.1)]))
     result = compare_generation(
         GOLDEN, generation((14, 15, EOS), steps=steps), tolerance=Tolerance(margin=5.0)
@@ -315,14 +336,14 @@ def test_tolerance_needs_the_golden_token_in_the_top_k():
     assert result.status == "fail"
 
 
-def test_shorter_run_that_hit_a_stop_string_is_left_to_the_output_stage():
+def test_shorter_run_that_hit_a_stop_string_is_left_to_the_output_stage() -> None:
     observed = generation((13,), steps=GOLDEN_STEPS[:1], text=" Paris", stop_reason="stop-string")
     result = compare_generation(GOLDEN, observed)
     assert result.status == "pass"
     assert "stopped at a stop string now" in result.detail
 
 
-def test_shorter_run_at_max_tokens_fails():
+def test_shorter_run_at_max_tokens_fails() -> None:
     observed = generation((13,), steps=GOLDEN_STEPS[:1], text=" Paris", stop_reason="max-tokens")
     result = compare_generation(GOLDEN, observed)
     assert result.status == "fail"
@@ -337,7 +358,7 @@ GOLDEN_STEPS = generation().steps
 # Output ------------------------------------------------------------------------------------------------------
 
 
-def test_output_pass_and_expectations():
+def test_output_pass_and_expectations() -> None:
     assert compare_output(GOLDEN, " Paris.", "eos", Expectation(contains="Paris")).status == "pass"
     unmet = compare_output(GOLDEN, " Paris.", "eos", Expectation(regex=r"^ Rome"))
     assert unmet.status == "fail"
@@ -345,7 +366,7 @@ def test_output_pass_and_expectations():
     assert compare_output(GOLDEN, " Paris.", "eos", Expectation(equals="Paris.")).status == "fail"
 
 
-def test_output_difference_names_character_and_stop_reason_change():
+def test_output_difference_names_character_and_stop_reason_change() -> None:
     result = compare_output(GOLDEN, " Par", "stop-string")
     assert result.status == "fail"
     assert result.position == 4
@@ -355,7 +376,7 @@ def test_output_difference_names_character_and_stop_reason_change():
     )
 
 
-def test_output_after_a_tolerated_divergence():
+def test_output_after_a_tolerated_divergence() -> None:
     assert compare_output(GOLDEN, " London.", "eos", after_tolerated=True).status == "tolerated"
     result = compare_output(GOLDEN, " London.", "eos", Expectation(contains="Paris"), after_tolerated=True)
     assert result.status == "fail"
@@ -366,7 +387,7 @@ def test_output_after_a_tolerated_divergence():
 PASS_ARTIFACTS = StageResult(stage="artifacts", status="pass", detail="1 file hash(es) match the lock")
 
 
-def test_compare_smoke_reproduces_an_identical_observation():
+def test_compare_smoke_reproduces_an_identical_observation() -> None:
     obs = observation()
     result = compare_smoke(
         "capital", GOLDEN, obs, rendered_sha256=obs.rendered_sha256, artifacts=PASS_ARTIFACTS, bos_id=BOS
@@ -383,7 +404,7 @@ def test_compare_smoke_reproduces_an_identical_observation():
     assert result.explanation == "reproduced"
 
 
-def test_compare_smoke_names_the_first_failing_stage():
+def test_compare_smoke_names_the_first_failing_stage() -> None:
     obs = observation(generation(prompt=(BOS, BOS, 10, 11, 12)))
     result = compare_smoke(
         "capital", GOLDEN, obs, rendered_sha256=obs.rendered_sha256, artifacts=PASS_ARTIFACTS, bos_id=BOS
@@ -392,7 +413,7 @@ def test_compare_smoke_names_the_first_failing_stage():
     assert result.explanation.startswith("tokenization: double BOS")
 
 
-def test_compare_smoke_without_golden_skips():
+def test_compare_smoke_without_golden_skips() -> None:
     obs = observation()
     result = compare_smoke(
         "capital", None, obs, rendered_sha256=obs.rendered_sha256, artifacts=PASS_ARTIFACTS, bos_id=BOS
@@ -401,7 +422,7 @@ def test_compare_smoke_without_golden_skips():
     assert result.first_failure is None
 
 
-def test_smoke_result_orders_stages_and_picks_the_earliest_failure():
+def test_smoke_result_orders_stages_and_picks_the_earliest_failure() -> None:
     stages = [
         StageResult(stage="output", status="fail", detail="late"),
         StageResult(stage="template", status="fail", detail="early"),
@@ -413,7 +434,7 @@ def test_smoke_result_orders_stages_and_picks_the_earliest_failure():
     assert result.explanation == "template: early"
 
 
-def test_build_report_and_engine_differences():
+def test_build_report_and_engine_differences() -> None:
     ok = smoke_result("a", [PASS_ARTIFACTS])
     tolerated = smoke_result("b", [StageResult(stage="generation", status="tolerated", detail="near-tie")])
     failed = smoke_result("c", [StageResult(stage="output", status="fail", detail="differs")])
@@ -431,10 +452,10 @@ def test_build_report_and_engine_differences():
 
 
 @pytest.mark.parametrize("margin", [0, -1])
-def test_tolerance_margin_must_be_positive(margin):
+def test_tolerance_margin_must_be_positive(margin: float) -> None:
     with pytest.raises(ValueError, match="greater than 0"):
         Tolerance(margin=margin)
 
 
-def test_golden_round_trips_through_the_lock_model():
+def test_golden_round_trips_through_the_lock_model() -> None:
     assert SmokeGolden.model_validate(GOLDEN.model_dump(by_alias=True)) == GOLDEN

@@ -6,10 +6,11 @@ from stacklock.errors import RegistryError
 from stacklock.registry.files import load_bundled_registry
 from stacklock.rules.versions import (
     EngineTables,
-    engine_build,
+    is_build_requirement,
     parse_build,
     parse_build_range,
     parse_engine_table,
+    same_commit,
     vendored_build,
 )
 
@@ -40,20 +41,36 @@ def test_build_ranges() -> None:
         ("llama-cpp-python", "0.3.8", 4875),  # first with Gemma 3
         ("llama-cpp-python", "0.3.11", 5763),  # between rows: the earlier row, a lower bound
         ("llama-cpp-python", "0.2.59", None),  # older than the table
-        ("llama-cpp-python", "0.3.36", 10454),
+        ("llama-cpp-python", "0.3.36", 11312),
         ("llama-cpp-python", "not-a-version", None),
         ("ollama", "0.1.32", 2679),
         ("ollama", "0.1.38", 2770),
         ("ollama", "0.1.48", 3171),
         ("ollama", "0.3.1", 3485),
-        ("llama.cpp", "b4628", 4628),
-        ("llama-server", "4628", 4628),
-        ("llama.cpp", "master", None),
+        ("llama.cpp", "b4628", None),  # no table: a build requirement decides, not a table
         ("vllm", "0.8.0", None),
     ],
 )
 def test_vendored_build_from_the_bundled_tables(engine: str, version: str, build: int | None) -> None:
-    assert vendored_build(engine, version, load_bundled_registry().engines) == build
+    found = vendored_build(engine, version, load_bundled_registry().engines)
+    assert (found and found.build) == build
+
+
+def test_build_requirements_are_told_apart_by_their_syntax() -> None:
+    assert [is_build_requirement(r) for r in ("==b4628", ">=b4628, <b7756", "==0.3.36", "", ">=b1,<2")] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+def test_commits_match_by_prefix_and_ignore_a_dirty_suffix() -> None:
+    assert same_commit("0c1e57098", "0c1e570-dirty")
+    assert same_commit("0C1E570", "0c1e57098abc")
+    assert not same_commit("0c1e57", "0c1e57098")  # too short to name a commit
+    assert not same_commit("0c1e570", "0c1e571")
 
 
 TABLE = """engine = "wrapper"
@@ -70,12 +87,13 @@ build = "{build}"
 def test_engine_table_lookup_and_validation() -> None:
     table = parse_engine_table(TABLE.format(second="1.2", build="b200"), "engines/wrapper.toml")
     tables = EngineTables.of([table])
-    assert [engine_build("wrapper", v, tables) for v in ("0.9", "1.0", "1.1", "1.2", "9")] == [
+    found = [vendored_build("wrapper", v, tables) for v in ("0.9", "1.0", "1.1", "1.2", "9")]
+    assert [f and (f.build, f.exact) for f in found] == [
         None,
-        100,
-        100,
-        200,
-        200,
+        (100, True),
+        (100, False),
+        (200, True),
+        (200, False),
     ]
     with pytest.raises(RegistryError) as caught:
         parse_engine_table(TABLE.format(second="0.9", build="b200"), "engines/wrapper.toml")

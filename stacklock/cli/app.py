@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,18 +18,38 @@ import typer
 
 from stacklock.errors import ExitCode, StacklockError, UsageError
 
+# Plain click help and error formatting: typer's rich formatter costs more to import than the rest of a
+# `--help` run, and the plain layout reads as well in a terminal, a CI log or a pre-commit hook.
 app = typer.Typer(
     name="stacklock",
     help="Lock and certify local LLM stacks: model file, chat template, tokenizer, engine, backend, sampler.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 ManifestOption = Annotated[
     Path, typer.Option("--manifest", "-m", help="The manifest; the lock sits beside it.", show_default=True)
 ]
 DEFAULT_MANIFEST = Path("llmstack.toml")
+
+
+@app.callback()
+def _options(
+    allow_outside_paths: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outside-paths",
+            help="Let the manifest name local files outside its directory (never set from the manifest).",
+        ),
+    ] = False,
+) -> None:
+    if allow_outside_paths:
+        from stacklock.sources.local import ALLOW_ENV  # noqa: PLC0415
+
+        # The environment carries the choice to every reader, the engine's child process included.
+        os.environ[ALLOW_ENV] = os.pathsep.join(filter(None, [os.environ.get(ALLOW_ENV), "/"]))
 
 
 def _lock_path(manifest: Path) -> Path:
@@ -109,44 +130,100 @@ def lock(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only cached registries and models.")
     ] = False,
+    upgrade: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade", help="Re-resolve hub branches and tags instead of keeping the locked commits."
+        ),
+    ] = False,
+    upgrade_link: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--upgrade-link", help="Re-resolve one link only: model, template or tokenizer (repeatable)."
+        ),
+    ] = None,
     endpoint: EndpointOption = None,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
-    from stacklock.errors import LockError  # noqa: PLC0415
-    from stacklock.files.digest import TerminalProgress  # noqa: PLC0415
-    from stacklock.lock.api import lock_stack, merge_goldens  # noqa: PLC0415
-    from stacklock.lock.fresh import check_lock  # noqa: PLC0415
-    from stacklock.lock.project import read_lock, write_lock  # noqa: PLC0415
-    from stacklock.model.findings import Allowance  # noqa: PLC0415
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
+    from stacklock.lock.fresh import check_lock, moved_revisions  # noqa: PLC0415
+    from stacklock.lock.project import (  # noqa: PLC0415
+        project_lock,
+    )
 
     lock_path = _lock_path(manifest)
     if check:
         if allow:
             raise UsageError("--allow goes with `stacklock lock`, not with --check")
-        locked = check_lock(manifest, lock_path, offline=offline)
+        with cli_reporter() as reporter:
+            locked = check_lock(manifest, lock_path, offline=offline, reporter=reporter)
         _note(f"{lock_path} is fresh ({len(locked.findings)} finding(s) recorded)")
+        for moved in moved_revisions(locked, offline=offline):
+            _note(f"info: {moved}")
         return
     if allow and not reason:
         raise UsageError(
             "--allow needs --reason TEXT", hint="say why the finding is acceptable; it goes in the lock"
         )
+    with project_lock(lock_path):
+        _lock_once(
+            manifest,
+            lock_path,
+            allow or [],
+            reason,
+            no_cache=no_cache,
+            offline=offline,
+            upgrade=upgrade,
+            upgrade_link=upgrade_link or [],
+            endpoint=endpoint,
+        )
+
+
+def _lock_once(
+    manifest: Path,
+    lock_path: Path,
+    allow: list[str],
+    reason: str | None,
+    *,
+    no_cache: bool,
+    offline: bool,
+    upgrade: bool,
+    upgrade_link: list[str],
+    endpoint: str | None,
+) -> None:
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
+    from stacklock.errors import LockError, NewerLockError  # noqa: PLC0415
+    from stacklock.lock.api import HUB_LINKS, kept_revisions, lock_stack, merge_goldens  # noqa: PLC0415
+    from stacklock.lock.project import read_lock, read_manifest, write_lock  # noqa: PLC0415
+    from stacklock.model.findings import Allowance  # noqa: PLC0415
+
     previous = None
     if lock_path.exists():
         try:
             previous = read_lock(lock_path)
+        except NewerLockError:
+            raise
         except LockError as exc:
             # The new lock replaces it either way; only its goldens and allowances cannot be carried over.
             _note(f"note: the previous lock is unreadable ({exc.one_line()}); writing a fresh one")
+    unknown = sorted(set(upgrade_link or ()) - set(HUB_LINKS))
+    if unknown:
+        raise UsageError(
+            f"--upgrade-link {unknown[0]}: not a hub link", hint=f"use one of {', '.join(HUB_LINKS)}"
+        )
+    upgrading = set(HUB_LINKS) if upgrade else set(upgrade_link or ())
     given = tuple(Allowance(rule=r, reason=reason or "") for r in allow or ())
-    new = lock_stack(
-        manifest,
-        allow=given,
-        carried=previous.allowances if previous else (),
-        use_cache=not no_cache,
-        progress=TerminalProgress(),
-        offline=offline,
-        endpoint=endpoint,
-    )
+    with cli_reporter() as reporter:
+        new = lock_stack(
+            manifest,
+            allow=given,
+            carried=previous.allowances if previous else (),
+            use_cache=not no_cache,
+            reporter=reporter,
+            offline=offline,
+            revisions=kept_revisions(read_manifest(manifest)[0], previous, upgrading),
+            endpoint=endpoint,
+        )
     new = merge_goldens(new, previous)
     changed = write_lock(lock_path, new)
     accepted = {a.rule for a in new.allowances}
@@ -178,14 +255,21 @@ def inspect(
 def record(
     manifest: ManifestOption = DEFAULT_MANIFEST,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=50, help="Alternatives stored per token.")] = 5,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
+    ] = False,
     endpoint: EndpointOption = None,
 ) -> None:
     """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
     from stacklock.verify.compare import expectation_failure  # noqa: PLC0415
     from stacklock.verify.session import record as record_goldens  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
-    recorded = record_goldens(lock_path, top_k=top_k, endpoint=endpoint)
+    with cli_reporter() as reporter:
+        recorded = record_goldens(
+            lock_path, top_k=top_k, reporter=reporter, offline=offline, endpoint=endpoint
+        )
     for pin in recorded.smoke:
         assert pin.golden is not None
         _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
@@ -218,6 +302,9 @@ def verify(
             help="Accept a divergence at a near-tie: the golden token is in the top-k and within this logprob gap.",
         ),
     ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
+    ] = False,
     endpoint: EndpointOption = None,
     summary: Annotated[
         Path | None,
@@ -228,7 +315,8 @@ def verify(
     ] = None,
 ) -> None:
     """Re-run the smoke prompts and certify that the locked stack reproduces; name the stage that broke."""
-    from stacklock.files.atomic import write_text_atomic  # noqa: PLC0415
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
+    from stacklock.files.atomic import file_error, read_text, write_text_atomic  # noqa: PLC0415
     from stacklock.report.verify import render  # noqa: PLC0415
     from stacklock.verify.certificate import certificate as make_certificate  # noqa: PLC0415
     from stacklock.verify.certificate import render_certificate  # noqa: PLC0415
@@ -239,11 +327,18 @@ def verify(
         raise UsageError("--tolerance must be greater than 0", hint="e.g. --tolerance 0.5")
     if certificate is not None:
         # Fail before the engine runs, not after, when the certificate cannot be written.
-        certificate.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            certificate.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise file_error("create", certificate.parent, exc) from None
+        if certificate.is_dir():
+            raise UsageError(f"--certificate {certificate}: is a directory", hint="give the path of a file")
     lock_path = _lock_path(manifest)
-    report = verify_stack(
-        lock_path, tolerance=None if tolerance is None else Tolerance(margin=tolerance), endpoint=endpoint
-    )
+    with cli_reporter() as reporter:
+        margin = None if tolerance is None else Tolerance(margin=tolerance)
+        report = verify_stack(
+            lock_path, tolerance=margin, reporter=reporter, offline=offline, endpoint=endpoint
+        )
     _echo(render(report, fmt.value).rstrip("\n"))
     if summary is not None:
         from stacklock.report.verify import render_markdown  # noqa: PLC0415
@@ -260,7 +355,7 @@ def verify(
     if certificate is not None:
         from stacklock.lock.project import read_lock  # noqa: PLC0415
 
-        lock_text = lock_path.read_text(encoding="utf-8")
+        lock_text = read_text(lock_path)
         data = make_certificate(lock_text, read_lock(lock_path), report)
         write_text_atomic(certificate, render_certificate(data))
         _note(f"wrote {certificate}")
@@ -336,8 +431,18 @@ def diff(
         raise typer.Exit(int(ExitCode.STACK_WRONG))
 
 
+from stacklock.cli.bisect import bisect as _bisect  # noqa: E402 - registered beside the other commands.
+
+app.command(name="bisect")(_bisect)
+from stacklock.cli.matrix import matrix_app  # noqa: E402 - registered beside the other commands.
+
+app.add_typer(matrix_app, name="matrix")
+
+
 registry_app = typer.Typer(
-    help="Browse the registries: rules, known-good templates and stacks.", no_args_is_help=True
+    help="Browse the registries: rules, known-good templates and stacks.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(registry_app, name="registry")
 
@@ -345,15 +450,23 @@ KindOption = Annotated[str | None, typer.Option("--kind", help="Only rules, temp
 
 
 def _registries(manifest: Path, offline: bool, extra: list[str] | None = None) -> tuple[Any, ...]:
+    from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
     from stacklock.lock.project import read_lock, read_manifest  # noqa: PLC0415
     from stacklock.model.findings import RegistrySource  # noqa: PLC0415
     from stacklock.registry.fetch import resolve_registries  # noqa: PLC0415
 
     sources = list(read_manifest(manifest)[0].registries) if manifest.exists() else []
-    sources += [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
+    given = [RegistrySource(name=f"extra-{i}", url=url) for i, url in enumerate(extra or (), start=1)]
     lock_path = _lock_path(manifest)
     pins = read_lock(lock_path).registries if lock_path.exists() else ()
-    return resolve_registries(sources, pins=pins, offline=offline, base_dir=manifest.parent)
+    with cli_reporter() as reporter:
+        found = resolve_registries(
+            sources, pins=pins, offline=offline, base_dir=manifest.parent, reporter=reporter
+        )
+        # Registries given on the command line are the user's own choice: not confined to the project.
+        return found + resolve_registries(
+            given, pins=pins, offline=offline, include_bundled=False, reporter=reporter
+        )
 
 
 def _kind(kind: str | None) -> Any:

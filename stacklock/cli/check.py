@@ -41,10 +41,7 @@ def run_check(manifest: Path, lock_path: Path, fmt: str, *, offline: bool) -> Ch
         locked = read_lock(lock_path)
         data = lock_path.read_bytes()
         text = data.decode("utf-8")
-        sources = read_manifest(manifest)[0].registries if manifest.exists() else ()
-        registries = resolve_registries(
-            sources, pins=locked.registries, offline=offline, base_dir=manifest.parent
-        )
+        registries = locked_registries(manifest, locked, offline=offline)
         lock_sha256: str | None = hashlib.sha256(data).hexdigest()
     else:
         refused = _refused(manifest, offline=offline)
@@ -72,6 +69,12 @@ def run_check(manifest: Path, lock_path: Path, fmt: str, *, offline: bool) -> Ch
                 f"{lock_path.name}: none (lock refused); findings of {manifest.name}'s resolution\n{rendered}"
             )
     return CheckOutput(rendered, result.ok)
+
+
+def locked_registries(manifest: Path, locked: Lock, *, offline: bool) -> tuple[LoadedRegistry, ...]:
+    """The registries a lock is checked against: the manifest's (when there is one) at the lock's pins."""
+    sources = read_manifest(manifest)[0].registries if manifest.exists() else ()
+    return resolve_registries(sources, pins=locked.registries, offline=offline, base_dir=manifest.parent)
 
 
 def _refused(manifest: Path, *, offline: bool) -> tuple[Lock, tuple[LoadedRegistry, ...]] | None:

@@ -9,6 +9,11 @@ llama-cpp-python would produce with the same settings.
 
 Every prompt starts from an empty KV cache: llama-cpp-python's prefix reuse and prompt cache are never used,
 so a smoke prompt's result does not depend on the prompt that ran before it.
+
+The adapter decides no policy: unseeded sampling and prompts that may overflow the context are findings of
+``stacklock lock`` (:mod:`stacklock.rules.policy`). What remains here is the last line behind them: a prompt
+whose real token count overflows the context is an :class:`EngineError` instead of llama.cpp's crash, and a
+sampler value the lock gives as unknown is refused, since llama.cpp's sampler chain needs every value.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import ctypes
 import platform
 import sys
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
@@ -219,6 +225,8 @@ class LlamaCppEngine:
             chat_render=True,
             served=False,
         ),
+        # The version pyproject.toml's `llama` extra pins, which stacklock's own tests run.
+        tested_version="0.3.36",
     )
 
     def __init__(self) -> None:
@@ -310,9 +318,14 @@ class LlamaCppModel:
                 hint="reinstall it with GPU support (CMAKE_ARGS='-DGGML_CUDA=on') or set backend.kind 'cpu'",
             )
         threads = backend.threads if isinstance(backend.threads, int) else None
+        if backend.context_size is None:
+            raise EngineError(
+                f"backend.context-size is unknown in the lock, and {ENGINE_NAME} needs one to load the model",
+                hint="set backend.context-size in llmstack.toml and re-lock",
+            )
         options: dict[str, Any] = {
             "n_gpu_layers": self._gpu_layers,
-            "n_ctx": backend.context_size if backend.context_size is not None else 4096,
+            "n_ctx": backend.context_size,
             "n_threads": threads,
             "n_threads_batch": threads,
             "flash_attn": _flash_attention(backend.flash_attention),
@@ -413,7 +426,7 @@ class LlamaCppModel:
 
     # Generation -------------------------------------------------------------------------------------------
 
-    def _sampler_chain(self, sampler: SamplerSettings) -> Any:
+    def _sampler_chain(self, sampler: KnownSampler) -> Any:
         lc = self._lc
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lc.llama_sampler_chain_add
@@ -428,7 +441,7 @@ class LlamaCppModel:
                 sampler.presence_penalty,
             ),
         )
-        seed = RANDOM_SEED if sampler.seed is None else sampler.seed
+        seed = sampler.seed
         if sampler.temperature == 0:
             add(chain, lc.llama_sampler_init_greedy())
         elif sampler.mirostat == 1:
@@ -487,16 +500,13 @@ class LlamaCppModel:
         prompt = [int(token) for token in prompt_tokens]
         if not prompt:
             raise InputError("the prompt has no tokens", hint="give the smoke prompt some text")
-        if sampler.temperature > 0 and sampler.mirostat == 0 and (sampler.seed in {None, RANDOM_SEED}):
-            raise InputError(
-                f"sampler.temperature = {sampler.temperature} with no fixed seed cannot be reproduced",
-                hint="set sampler.seed in llmstack.toml, or temperature = 0 for greedy decoding",
-            )
+        known = _known_sampler(sampler)
+        # The last line behind the lock's policy-context-overflow finding, which works from an upper bound.
         if len(prompt) + max_tokens > self._n_ctx:
-            raise InputError(
+            raise EngineError(
                 f"the prompt ({len(prompt)} tokens) plus max-tokens ({max_tokens}) exceed the context "
                 f"size ({self._n_ctx})",
-                hint="raise backend.context-size or lower max-tokens in llmstack.toml",
+                hint="raise backend.context-size or lower max-tokens in llmstack.toml, and re-lock",
             )
         k = max(1, min(top_k_logprobs, self._n_vocab))
         tokens: list[int] = []
@@ -506,7 +516,7 @@ class LlamaCppModel:
         stop_reason: StopReason = "max-tokens"
         text: str | None = None
         self._reset()
-        chain = self._sampler_chain(sampler)
+        chain = self._sampler_chain(known)
         try:
             self._eval(prompt, 0)
             while len(tokens) < max_tokens:
@@ -560,6 +570,38 @@ class LlamaCppModel:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class KnownSampler:
+    """Every sampler value llama.cpp's sampler chain needs, none of them unknown."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    typical_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    frequency_penalty: float
+    presence_penalty: float
+    mirostat: int
+    mirostat_tau: float
+    mirostat_eta: float
+    seed: int
+
+
+def _known_sampler(sampler: SamplerSettings) -> KnownSampler:
+    """The sampler values, or an :class:`EngineError` naming those the lock gives as unknown."""
+    values = {name: getattr(sampler, name) for name in KnownSampler.__dataclass_fields__}
+    unknown = [name.replace("_", "-") for name, value in values.items() if value is None]
+    if unknown:
+        raise EngineError(
+            f"{ENGINE_NAME} cannot run with sampler values the lock gives as unknown: "
+            + ", ".join(f"sampler.{name}" for name in unknown),
+            hint="set them in llmstack.toml's [sampler] and re-lock",
+        )
+    return KnownSampler(**values)
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> str | None:

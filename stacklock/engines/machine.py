@@ -7,17 +7,18 @@ import sys
 from importlib import metadata as importlib_metadata
 
 from stacklock.engines.base import Environment
-
-#: Python distributions of the engines stacklock can find installed without importing them.
-ENGINE_DISTRIBUTIONS = {"llama-cpp-python": "llama-cpp-python", "vllm": "vllm"}
+from stacklock.engines.plugins import adapter_info
 
 
 def installed_engine_version(name: str) -> str | None:
-    dist = ENGINE_DISTRIBUTIONS.get(name)
-    if dist is None:
+    """The installed version of an engine that is a Python distribution (its adapter says which), read from
+    the package metadata without importing the engine; None when it is not installed, not a Python package,
+    or no adapter is registered for it."""
+    info = adapter_info(name)
+    if info is None or info.distribution is None:
         return None
     try:
-        return importlib_metadata.version(dist)
+        return importlib_metadata.version(info.distribution)
     except importlib_metadata.PackageNotFoundError:
         return None
 

@@ -1,7 +1,8 @@
 """How adapters are found: the ``stacklock.engines`` entry-point group.
 
-The built-in adapters register the same way as third-party ones, from stacklock's own ``pyproject.toml``;
-duplicate names are an error, and a broken plugin is an unavailable engine, not a crash.
+The built-in adapters register the same way as third-party ones, from stacklock's own ``pyproject.toml`` (the
+package is always installed, so its entry points always exist); duplicate names are an error, and a broken
+plugin is an unavailable engine, not a crash.
 """
 
 from __future__ import annotations
@@ -15,13 +16,6 @@ from stacklock.errors import EngineError
 
 ENTRY_POINT_GROUP = "stacklock.engines"
 
-# Built-ins are listed in pyproject.toml like any plugin. This table only serves a source checkout that was
-# never installed (no distribution metadata, hence no entry points); it must mirror pyproject.toml.
-_BUILTIN_ENGINES: dict[str, str] = {
-    "llama-cpp-python": "stacklock.engines.llama_cpp:LlamaCppEngine",
-    "llama-server": "stacklock.engines.llama_server:LlamaServerEngine",
-}
-
 
 def _entry_point_targets() -> dict[str, list[str]]:
     targets: dict[str, list[str]] = {}
@@ -29,8 +23,6 @@ def _entry_point_targets() -> dict[str, list[str]]:
         targets.setdefault(ep.name, [])
         if ep.value not in targets[ep.name]:
             targets[ep.name].append(ep.value)
-    for name, value in _BUILTIN_ENGINES.items():
-        targets.setdefault(name, [value])
     return targets
 
 

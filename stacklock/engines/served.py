@@ -6,16 +6,24 @@ import math
 import os
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from stacklock.engines.http import DEFAULT_TIMEOUT, ServedSettings
 from stacklock.engines.plugins import adapter_class, adapter_info
-from stacklock.errors import EngineError
+from stacklock.errors import EngineError, UsageError
 from stacklock.files.digest import sha256_text
 from stacklock.model.lock import ServedPin
 
 if TYPE_CHECKING:
     from stacklock.engines.base import EngineIdentity, LoadedModel
+    from stacklock.model.lock import EnginePin
 
-__all__ = ["UNOBSERVABLE", "ServedEngine", "is_served", "open_served", "served_pin"]
+__all__ = [
+    "UNOBSERVABLE",
+    "ServedEngine",
+    "check_served_version",
+    "is_served",
+    "open_served",
+    "served_engine",
+    "served_pin",
+]
 
 
 @runtime_checkable
@@ -57,6 +65,9 @@ def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None)
             f"{engine_name} is a served engine and no endpoint is set",
             hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
         )
+    # httpx is imported only when a served engine is used: `lock --check` and `check` never need it.
+    from stacklock.engines.http import DEFAULT_TIMEOUT, ServedSettings  # noqa: PLC0415
+
     raw = os.environ.get("STACKLOCK_TIMEOUT", "")
     try:
         timeout = float(raw) if raw else DEFAULT_TIMEOUT
@@ -76,6 +87,31 @@ def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None)
             hint="upgrade the package that provides it",
         )
     return engine
+
+
+def served_engine(
+    name: str, endpoint: str | None, api_key_env: str | None, *, override: str | None = None
+) -> ServedEngine | None:
+    """The served engine ``name`` at ``override`` (``--endpoint``) or ``endpoint``; None for an engine that
+    runs in process (where ``--endpoint`` is a usage error)."""
+    if not is_served(name):
+        if override is not None:
+            raise UsageError(
+                f"--endpoint is for served engines; {name} runs in process",
+                hint="drop --endpoint, or set engine.name to a served engine (llama-server, ollama, vllm...)",
+            )
+        return None
+    return open_served(name, override or endpoint, api_key_env)
+
+
+def check_served_version(pin: EnginePin, served: ServedEngine) -> None:
+    """The served engine must run the locked build or version."""
+    version = served.identity().version
+    if version != pin.version:
+        raise EngineError(
+            f"the {pin.name} at the endpoint runs {version}, not the locked {pin.version}",
+            hint="point --endpoint at a server of the locked build, or re-lock and re-record against this one",
+        )
 
 
 def served_pin(engine: ServedEngine) -> ServedPin:

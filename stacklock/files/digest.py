@@ -15,75 +15,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
 
 import xxhash
 
+from stacklock.errors import FileError
 from stacklock.files.atomic import write_text_atomic
+from stacklock.reporter import NO_REPORTER, Reporter, step
 
 CHUNK = 1 << 20
 CACHE_VERSION = 1
 
 
-class HashProgress(Protocol):
-    """Receives progress while a file is hashed. The library never prints; the CLI passes a bar."""
-
-    def start(self, path: Path, total: int) -> None: ...
-    def advance(self, done: int) -> None: ...
-    def finish(self) -> None: ...
-
-
-class NoProgress:
-    def start(self, path: Path, total: int) -> None:
-        pass
-
-    def advance(self, done: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-class TerminalProgress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal and the file is large."""
-
-    def __init__(self, stream: IO[str] | None = None, min_bytes: int = 64 << 20) -> None:
-        self._stream = stream if stream is not None else sys.stderr
-        self._enabled = self._stream.isatty()
-        self._min_bytes = min_bytes
-        self._total = 0
-        self._name = ""
-        self._last = -1
-        self._active = False
-
-    def start(self, path: Path, total: int) -> None:
-        self._active = self._enabled and total >= self._min_bytes
-        self._total, self._name, self._last = max(total, 1), path.name, -1
-
-    def advance(self, done: int) -> None:
-        if not self._active:
-            return
-        percent = done * 100 // self._total
-        if percent != self._last:
-            self._last = percent
-            filled = percent // 4
-            bar = "#" * filled + "-" * (25 - filled)
-            self._stream.write(f"\rhashing {self._name} [{bar}] {percent:3d}%")
-            self._stream.flush()
-
-    def finish(self) -> None:
-        if self._active:
-            self._stream.write("\r\033[K")
-            self._stream.flush()
+def sha256_bytes(data: bytes) -> str:
+    """sha256 of bytes in stacklock's one digest format: 64 lowercase hex characters, no ``sha256:`` prefix."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_text(text: str) -> str:
-    """sha256 of a text's UTF-8 bytes, lowercase hex: templates, rendered prompts, locks."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """sha256 of a text's UTF-8 bytes: templates, rendered prompts, locks, canonical JSON."""
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def canonical_digest(value: str) -> str:
+    """A digest as read from a file, in the one format: earlier locks prefixed ``manifest-hash`` with ``sha256:``."""
+    return value.removeprefix("sha256:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,26 +54,26 @@ class FileDigests:
     data_xxh3: str
 
 
-def sha256_file(path: Path, progress: HashProgress | None = None) -> str:
+def sha256_file(path: Path, reporter: Reporter = NO_REPORTER) -> str:
     """The sha256 of a file, read in 1 MiB chunks into one reused buffer."""
-    return _hash_file(path, None, progress).sha256
+    return _hash_file(path, None, reporter).sha256
 
 
-def digest_regions(path: Path, data_offset: int, progress: HashProgress | None = None) -> FileDigests:
+def digest_regions(path: Path, data_offset: int, reporter: Reporter = NO_REPORTER) -> FileDigests:
     """The file's sha256 and its region digests, split at ``data_offset``, in one read of the file."""
-    return _hash_file(path, data_offset, progress)
+    return _hash_file(path, data_offset, reporter)
 
 
-def _hash_file(path: Path, data_offset: int | None, progress: HashProgress | None) -> FileDigests:
-    reporter = progress or NoProgress()
+def _hash_file(path: Path, data_offset: int | None, reporter: Reporter) -> FileDigests:
     whole = hashlib.sha256()
     header = hashlib.sha256()
     data = xxhash.xxh3_128()
     split = -1 if data_offset is None else data_offset
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
-    with path.open("rb", buffering=0) as handle:
-        reporter.start(path, os.fstat(handle.fileno()).st_size)
+    name = f"hashing {path.name}"
+    with step(reporter, name), path.open("rb", buffering=0) as handle:
+        total = os.fstat(handle.fileno()).st_size
         done = 0
         readinto: Callable[[memoryview], int | None] = handle.readinto
         while n := readinto(view):
@@ -129,8 +87,7 @@ def _hash_file(path: Path, data_offset: int | None, progress: HashProgress | Non
                 if cut < n:
                     data.update(chunk[cut:])
             done += n
-            reporter.advance(done)
-    reporter.finish()
+            reporter.progress(name, done, total)
     return FileDigests(whole.hexdigest(), split, header.hexdigest(), data.hexdigest())
 
 
@@ -165,14 +122,14 @@ class HashCache:
                 self._entries = {}
         return self._entries
 
-    def sha256(self, path: Path, *, use_cache: bool = True, progress: HashProgress | None = None) -> str:
+    def sha256(self, path: Path, *, use_cache: bool = True, reporter: Reporter = NO_REPORTER) -> str:
         key = str(path.resolve())
         identity = self._identity(path.stat())
         entries = self._load()
         entry = entries.get(key)
         if use_cache and entry is not None and entry.get("identity") == identity:
             return str(entry["sha256"])
-        digest = sha256_file(path, progress)
+        digest = sha256_file(path, reporter)
         # The file may have changed while it was read; only cache a digest whose identity held throughout.
         if self._identity(path.stat()) == identity:
             entries[key] = {"identity": identity, "sha256": digest}
@@ -185,7 +142,7 @@ class HashCache:
         data_offset: Callable[[Path], int],
         *,
         use_cache: bool = True,
-        progress: HashProgress | None = None,
+        reporter: Reporter = NO_REPORTER,
     ) -> FileDigests:
         """The file's sha256 and region digests; ``data_offset`` is asked only when the file must be hashed."""
         key = str(path.resolve())
@@ -200,7 +157,7 @@ class HashCache:
                 str(regions["header-sha256"]),
                 str(regions["data-xxh3"]),
             )
-        found = digest_regions(path, data_offset(path), progress)
+        found = digest_regions(path, data_offset(path), reporter)
         if self._identity(path.stat()) == identity:
             entries[key] = {
                 "identity": identity,
@@ -223,5 +180,6 @@ class HashCache:
             body = json.dumps({"version": CACHE_VERSION, "entries": self._entries}, sort_keys=True)
             write_text_atomic(self.path, body)
             self._dirty = False
-        except OSError:
+        except (OSError, FileError):
+            # Only costs a re-hash next time.
             pass

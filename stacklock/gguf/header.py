@@ -9,12 +9,14 @@ miss.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import Field, ValidationError
 
+from stacklock.errors import FileError
 from stacklock.files.atomic import write_text_atomic
 from stacklock.files.digest import default_cache_dir
 from stacklock.gguf.keys import named_chat_templates
@@ -131,6 +133,9 @@ def header_from_gguf(gguf: GGUFFile) -> ModelHeader:
         value = gguf.metadata[key]
         if isinstance(value, GGUFArray):
             arrays[key] = f"{value_type_name(value.item_type)}[{value.count}]"
+        elif isinstance(value, float) and not math.isfinite(value):
+            # Pinned as text ('nan', 'inf', '-inf'): equal to itself, and representable in TOML and JSON alike.
+            scalars[key] = str(value)
         else:
             scalars[key] = value
     special = _special_texts(gguf)
@@ -173,6 +178,6 @@ class HeaderCache:
 
     def put(self, digest: str, header: ModelHeader) -> None:
         # A read-only cache directory is not an error: the next run parses again.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, FileError):
             self.directory.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.directory / f"{digest}.json", header.model_dump_json(by_alias=True))

@@ -16,12 +16,13 @@ import importlib.util
 import mmap
 import os
 import re
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
@@ -29,11 +30,21 @@ from stacklock.errors import GGUFError
 from stacklock.gguf.keys import named_chat_templates
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterator, Mapping, Sequence
 
     import numpy.typing as npt
 
-__all__ = ["GGML_MAX_DIMS", "GGUFArray", "GGUFFile", "TensorInfo", "read_gguf", "value_type_name"]
+__all__ = [
+    "GGML_MAX_DIMS",
+    "GGUFArray",
+    "GGUFFile",
+    "HeaderBytes",
+    "HeaderIncomplete",
+    "TensorInfo",
+    "parse_gguf_header",
+    "read_gguf",
+    "value_type_name",
+]
 
 GGUF_MAGIC = b"GGUF"
 GGML_MAX_DIMS = 4
@@ -155,6 +166,10 @@ class GGUFArray:
 
     def __len__(self) -> int:
         return self.count
+
+    def __repr__(self) -> str:
+        # Error messages show what the value is, not its bytes or a memoryview's address.
+        return f"an array of {self.count} {_plural(self.item_type)}"
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.values())
@@ -353,12 +368,18 @@ class GGUFFile:
 # --------------------------------------------------------------------------------------------------- parsing
 
 
+MAX_ARRAY_DEPTH: Final = 16
+"""Arrays nest at most this deep. Real files nest one level (token merges); a bound keeps a crafted file from
+exhausting the stack."""
+
+
 def _walk_items(
-    buf: Any, start: int, *, item_type: int, count: int, order: str, limit: int
+    buf: Any, start: int, *, item_type: int, count: int, order: str, limit: int, depth: int = 1
 ) -> tuple[npt.NDArray[np.int64], int]:
     """Offsets (relative to ``start``) of ``count`` strings or nested arrays, and the end offset.
 
-    Raises :class:`_Overrun` with the offending offset when an item runs past ``limit``.
+    Raises :class:`_Overrun` with the offending offset when an item runs past ``limit``, and
+    :class:`_TooDeep` when arrays nest deeper than :data:`MAX_ARRAY_DEPTH`.
     """
     if item_type == _STRING and count >= _VECTOR_WALK_MIN:
         fast = _walk_strings_vectorised(buf, start, count, order, limit)
@@ -384,14 +405,16 @@ def _walk_items(
             raise _Overrun(pos, i)
         offsets[i] = pos - start
         sub_type, sub_count = unpack(fmt, buf, pos)
+        if depth >= MAX_ARRAY_DEPTH:
+            raise _TooDeep(pos)
         pos = _skip_array_items(
-            buf, pos + 12, item_type=sub_type, count=sub_count, order=order, limit=limit, index=i
+            buf, pos + 12, item_type=sub_type, count=sub_count, order=order, limit=limit, index=i, depth=depth
         )
     return offsets, pos
 
 
 def _skip_array_items(
-    buf: Any, pos: int, *, item_type: int, count: int, order: str, limit: int, index: int
+    buf: Any, pos: int, *, item_type: int, count: int, order: str, limit: int, index: int, depth: int
 ) -> int:
     size = _SCALAR_SIZES.get(item_type)
     if size is not None:
@@ -406,7 +429,9 @@ def _skip_array_items(
         raise _BadType(pos - 12, item_type)
     if count * minimum > limit - pos:
         raise _Overrun(pos, index, count * minimum)
-    _, end = _walk_items(buf, pos, item_type=item_type, count=count, order=order, limit=limit)
+    _, end = _walk_items(
+        buf, pos, item_type=item_type, count=count, order=order, limit=limit, depth=depth + 1
+    )
     return end
 
 
@@ -422,6 +447,28 @@ def _walk_strings_vectorised(
     growing chunks because the array's end is not known yet.
     """
     available = limit - start
+    found = _candidates(buf, start, count, order, available)
+    n_found = sum(len(f) for f in found)
+    if n_found < count:
+        _raise_if_cut_short(buf, start, found, order, available)
+        return None
+    starts = np.concatenate(found)[:count] if len(found) > 1 else found[0][:count]
+    if starts[0] != 0:
+        return None
+    low_byte = 0 if order == "<" else 7
+    lengths = np.frombuffer(buf, dtype=np.uint8, count=available, offset=start)[starts + low_byte]
+    ends = starts + 8 + lengths.astype(np.int64)
+    if not np.array_equal(ends[:-1], starts[1:]) or ends[-1] > available:
+        return None
+    return starts, start + int(ends[-1])
+
+
+def _candidates(buf: Any, start: int, count: int, order: str, available: int) -> list[npt.NDArray[np.int64]]:
+    """Offsets of every position shaped like a short string's length prefix, in growing chunks.
+
+    Its own function so that the numpy views of ``buf`` die with its frame: a traceback that kept them alive
+    would stop the file's map from closing.
+    """
     found: list[npt.NDArray[np.int64]] = []
     n_found = 0
     low = 0
@@ -439,17 +486,34 @@ def _walk_strings_vectorised(
         found.append(np.flatnonzero(mask) + low)
         n_found += len(found[-1])
         low = high
-    if n_found < count:
-        return None
-    starts = np.concatenate(found)[:count] if len(found) > 1 else found[0][:count]
+    return found
+
+
+def _raise_if_cut_short(
+    buf: Any, start: int, found: list[npt.NDArray[np.int64]], order: str, available: int
+) -> None:
+    """Raise :class:`_Overrun` when the strings found form one chain that runs past the end of the bytes.
+
+    That is a prefix of a file (a remote header read in ranges) or a truncated one; finding it here spares the
+    one-by-one walk. Anything else (a gap in the chain: an empty or a long token) is left to that walk.
+    """
+    if not found or not sum(len(f) for f in found):
+        return
+    starts = np.concatenate(found)
     if starts[0] != 0:
-        return None
+        return
     low_byte = 0 if order == "<" else 7
-    lengths = np.frombuffer(buf, dtype=np.uint8, count=available, offset=start)[starts + low_byte]
-    ends = starts + 8 + lengths.astype(np.int64)
-    if not np.array_equal(ends[:-1], starts[1:]) or ends[-1] > available:
-        return None
-    return starts, start + int(ends[-1])
+    lengths = np.frombuffer(buf, dtype=np.uint8, count=available, offset=start)[starts + low_byte].astype(
+        np.int64
+    )
+    ends = starts + 8 + lengths
+    if not np.array_equal(ends[:-1], starts[1:]):
+        return
+    last = int(ends[-1])
+    if last > available:
+        raise _Overrun(start + int(starts[-1]), len(starts) - 1, int(lengths[-1]))
+    if last + 8 > available:
+        raise _Overrun(start + last, len(starts))
 
 
 class _Overrun(Exception):  # noqa: N818 -- Internal signal, converted to a GGUFError with context.
@@ -458,6 +522,12 @@ class _Overrun(Exception):  # noqa: N818 -- Internal signal, converted to a GGUF
         self.pos = pos
         self.index = index
         self.needed = needed
+
+
+class _TooDeep(Exception):  # noqa: N818 -- Internal signal, converted to a GGUFError with context.
+    def __init__(self, pos: int) -> None:
+        super().__init__(pos)
+        self.pos = pos
 
 
 class _BadType(Exception):  # noqa: N818 -- Internal signal, converted to a GGUFError with context.
@@ -477,6 +547,9 @@ class _ArraySpan:
     end: int
     offsets: npt.NDArray[np.int64] | None
 
+    def __repr__(self) -> str:
+        return f"an array of {self.count} {_plural(self.item_type)}"
+
 
 @dataclass(frozen=True)
 class _Part:
@@ -492,10 +565,23 @@ _INCOMPLETE = "the file is incomplete, download it again"
 _CORRUPT = "the file is corrupt or not a GGUF file, download it again"
 
 
+class HeaderIncomplete(Exception):  # noqa: N818 -- A signal to the caller, not an error.
+    """The buffer ended inside the header but the file goes on: read more of it (``at_least`` bytes) and retry.
+
+    Raised only by :func:`parse_gguf_header`, whose buffer is a prefix of a remote file.
+    """
+
+    def __init__(self, at_least: int) -> None:
+        super().__init__(at_least)
+        self.at_least = at_least
+        self.part = 0
+
+
 class _Parser:
-    def __init__(self, buf: Any, size: int, display: str) -> None:
+    def __init__(self, buf: Any, size: int, display: str, file_size: int | None = None) -> None:
         self.buf = buf
-        self.size = size
+        self.size = size  # The bytes in ``buf``: a whole file, or a prefix of one (``file_size`` long).
+        self.file_size = size if file_size is None else file_size
         self.display = display
         self.pos = 0
         self.order = "<"
@@ -503,7 +589,9 @@ class _Parser:
 
     # ---- errors
 
-    def truncated(self, what: str) -> GGUFError:
+    def truncated(self, what: str, needed: int = 0) -> GGUFError | HeaderIncomplete:
+        if self.size < self.file_size:
+            return HeaderIncomplete(min(self.file_size, max(self.pos + needed, self.size + 1)))
         return GGUFError(
             f"{self.display}: truncated at byte {self.size} while reading {what}", hint=_INCOMPLETE
         )
@@ -513,7 +601,7 @@ class _Parser:
 
     def need(self, n: int, what: str) -> None:
         if n > self.size - self.pos:
-            raise self.truncated(what)
+            raise self.truncated(what, n)
 
     def check_count(
         self, count: int, minimum: int, what: str, unit: str, *, at: int, reading: str | None = None
@@ -522,12 +610,12 @@ class _Parser:
         needed = count * minimum
         if needed <= self.size - self.pos:
             return
-        if needed > self.size:
+        if needed > self.file_size:
             least = "" if minimum == 1 else f", which need at least {needed} bytes,"
             raise self.corrupt(
-                f"{what} at byte {at} declares {count} {unit}{least} but the whole file has {self.size} bytes"
+                f"{what} at byte {at} declares {count} {unit}{least} but the whole file has {self.file_size} bytes"
             )
-        raise self.truncated(reading or f"{what} ({count} {unit})")
+        raise self.truncated(reading or f"{what} ({count} {unit})", needed)
 
     # ---- primitives
 
@@ -654,12 +742,20 @@ class _Parser:
                 self.buf, start, item_type=item_type, count=count, order=self.order, limit=self.size
             )
         except _Overrun as exc:
-            if exc.needed > self.size:
+            if exc.needed > self.file_size:
                 raise self.corrupt(
                     f"item {exc.index} of '{key}' at byte {exc.pos} declares {exc.needed} bytes, "
-                    f"but the whole file has {self.size} bytes"
+                    f"but the whole file has {self.file_size} bytes"
                 ) from None
-            raise self.truncated(described) from None
+            # A prefix of a remote file: guess the array's end from the items walked so far, so that the
+            # caller asks for the rest in one more read rather than many.
+            guess = (exc.pos - start) * count // exc.index - (exc.pos - start) if exc.index else 0
+            self.pos = exc.pos
+            raise self.truncated(described, max(8 + exc.needed, guess)) from None
+        except _TooDeep as exc:
+            raise self.corrupt(
+                f"'{key}' nests arrays more than {MAX_ARRAY_DEPTH} levels deep (at byte {exc.pos})"
+            ) from None
         except _BadType as exc:
             raise self.corrupt(
                 f"unknown item type {exc.value_type} in a nested array of '{key}' at byte {exc.pos}",
@@ -763,7 +859,7 @@ class _Parser:
         self.data_start = data_start
         tensors = []
         for name, shape, ggml_type, type_name, offset, n_elements, n_bytes in raw:
-            if data_start + offset + n_bytes > self.size:
+            if data_start + offset + n_bytes > self.file_size:
                 begin = data_start + offset
                 raise self.truncated(f"the data of tensor '{name}' (bytes {begin} to {begin + n_bytes})")
             tensors.append(
@@ -800,26 +896,68 @@ def _finish_metadata(
 
 def _read_part(path: Path, display: str, part: int) -> _Part:
     try:
-        with path.open("rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        # Non-blocking: a FIFO cannot hang the open; fstat then refuses anything but a regular file.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise GGUFError(f"{display}: not a regular file", hint="give the path of a .gguf file")
+            size = info.st_size
             if size == 0:
                 raise GGUFError(f"{display}: the file is empty", hint=_INCOMPLETE)
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                parser = _Parser(buf, size, display)
-                version, n_tensors, n_kv = parser.header()
-                metadata = parser.metadata(n_kv)
-                alignment = parser.alignment(metadata)
-                tensors = parser.tensor_infos(n_tensors, alignment, part)
-                # Copying the header out lets the map close; array values then point into this copy.
-                header = buf[: parser.pos]
-                order: Literal["little", "big"] = "little" if parser.order == "<" else "big"
-    except OSError as exc:
-        raise GGUFError(
-            f"{display}: cannot read the file ({exc.strerror or exc})", hint="check the path"
-        ) from None
+                return _parse_part(_Parser(buf, size, display), part)
+    except (OSError, ValueError) as exc:
+        # ValueError: a NUL byte in the path, or mmap of a file that shrank to nothing meanwhile.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise GGUFError(f"{display}: cannot read the file ({reason})", hint="check the path") from None
+
+
+def _parse_part(parser: _Parser, part: int) -> _Part:
+    version, n_tensors, n_kv = parser.header()
+    metadata = parser.metadata(n_kv)
+    alignment = parser.alignment(metadata)
+    tensors = parser.tensor_infos(n_tensors, alignment, part)
+    # Copying the header out lets a map close; array values then point into this copy.
+    header = bytes(parser.buf[: parser.pos])
+    order: Literal["little", "big"] = "little" if parser.order == "<" else "big"
     return _Part(
         version, order, alignment, _finish_metadata(metadata, header, order), tensors, parser.data_start
     )
+
+
+@dataclass(frozen=True)
+class HeaderBytes:
+    """The first bytes of one part of a GGUF file held elsewhere (a hub): enough for its header, or not yet."""
+
+    name: str
+    """The part's file name (``NAME-00001-of-00003.gguf`` for split files)."""
+    data: bytes
+    """A prefix of the file."""
+    file_size: int
+    """The whole file's size."""
+    display: str
+    """How errors name the file (its hub location)."""
+
+
+def parse_gguf_header(parts: Sequence[HeaderBytes]) -> GGUFFile:
+    """Parse the headers of a GGUF model's parts from prefixes of the files; pure.
+
+    Raises :class:`HeaderIncomplete` (with the part's index in ``part``) when a prefix ends inside its header.
+    """
+    parsed = []
+    for index, item in enumerate(parts):
+        if item.file_size == 0:
+            raise GGUFError(f"{item.display}: the file is empty", hint=_INCOMPLETE)
+        try:
+            parsed.append(
+                _parse_part(_Parser(item.data, len(item.data), item.display, item.file_size), index)
+            )
+        except HeaderIncomplete as exc:
+            exc.part = index
+            raise
+    names = tuple(Path(item.name) for item in parts)
+    displays = tuple(item.display for item in parts)
+    return _combine(names[0], displays[0], names, displays, parsed)
 
 
 def _split_parts(path: Path, display: str) -> tuple[tuple[Path, ...], tuple[str, ...]]:
@@ -849,6 +987,13 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     given = Path(path)
     paths, displays = _split_parts(given, display)
     parts = [_read_part(p, shown, i) for i, (p, shown) in enumerate(zip(paths, displays, strict=True))]
+    return _combine(given, display, paths, displays, parts)
+
+
+def _combine(
+    given: Path, display: str, paths: tuple[Path, ...], displays: tuple[str, ...], parts: Sequence[_Part]
+) -> GGUFFile:
+    """One model from its parts: metadata from the first, tensors from all, checked to belong together."""
     first = parts[0]
     count = len(parts)
     tensors: list[TensorInfo] = []

@@ -20,6 +20,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from stacklock.errors import GGUFError
+from stacklock.files.digest import sha256_text
 from stacklock.model.tokenizer import TokenizerFingerprint
 
 if TYPE_CHECKING:
@@ -157,4 +158,4 @@ def fingerprint_tokenizer(gguf: GGUFFile) -> TokenizerFingerprint:
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return TokenizerFingerprint(**fields, sha256=hashlib.sha256(canonical.encode("utf-8")).hexdigest())
+    return TokenizerFingerprint(**fields, sha256=sha256_text(canonical))

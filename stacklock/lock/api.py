@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from stacklock.engines.served import is_served, open_served, served_pin
-from stacklock.errors import EngineError, RuleViolation, UsageError
-from stacklock.files.digest import HashProgress
+from stacklock.engines.served import served_engine, served_pin
+from stacklock.errors import RuleViolation
 from stacklock.lock.load import load_inputs
 from stacklock.lock.resolve import resolve
 from stacklock.model.findings import Allowance
-from stacklock.model.lock import (
-    Lock,
-)
+from stacklock.model.lock import Lock
+from stacklock.model.manifest import Manifest
+from stacklock.reporter import NO_REPORTER, Reporter
 
 
 def lock_stack(
@@ -22,13 +22,28 @@ def lock_stack(
     allow: Sequence[Allowance] = (),
     carried: Sequence[Allowance] = (),
     use_cache: bool = True,
-    progress: HashProgress | None = None,
+    reporter: Reporter = NO_REPORTER,
     offline: bool = False,
+    revisions: Mapping[str, str] | None = None,
     endpoint: str | None = None,
 ) -> Lock:
-    """Resolve the manifest into a lock; a served engine is asked what it serves (``endpoint`` overrides)."""
-    inputs = load_inputs(manifest_path, use_cache=use_cache, progress=progress, offline=offline)
+    """Lock the stack; ``revisions`` keeps hub links at commits locked before (see :func:`kept_revisions`).
+
+    A served engine is asked what it serves, at ``endpoint`` (``--endpoint``) or the manifest's.
+    """
+    inputs = load_inputs(
+        manifest_path, use_cache=use_cache, reporter=reporter, offline=offline, revisions=revisions
+    )
+    spec = inputs.manifest.engine
+    served = served_engine(spec.name, spec.endpoint, spec.api_key_env, override=endpoint)
+    if served is not None:
+        # The server's own build or version is what the stack runs; resolution checks it against the manifest.
+        inputs = replace(inputs, installed_engine_version=served.identity().version)
     resolution = resolve(inputs, allow, carried)
+    for allowance in resolution.stale:
+        reporter.event(
+            f"note: dropped the allowance for rule {allowance.rule}: it matches no error finding now"
+        )
     if resolution.blocking:
         first = resolution.blocking[0]
         more = f" (and {len(resolution.blocking) - 1} more)" if len(resolution.blocking) > 1 else ""
@@ -36,28 +51,11 @@ def lock_stack(
             f"rule {first.rule}: {first.title}{more}",
             hint=f"{first.fix} — or accept it with --allow {first.rule} --reason TEXT",
         )
-    return pin_served(resolution.lock, endpoint)
-
-
-def pin_served(lock: Lock, endpoint: str | None) -> Lock:
-    """Pin what a served engine says about itself: its build (it must be the locked one), model and defaults."""
-    engine = lock.engine
-    if not is_served(engine.name):
-        if endpoint is not None:
-            raise UsageError(
-                f"--endpoint is for served engines; {engine.name} runs in process",
-                hint="drop --endpoint, or set engine.name to a served engine (llama-server...)",
-            )
+    lock = resolution.lock
+    if served is None:
         return lock
-    url = endpoint or engine.endpoint
-    served = open_served(engine.name, url, engine.api_key_env)
-    version = served.identity().version
-    if version != engine.version:
-        raise EngineError(
-            f"engine.version: the {engine.name} at {url} runs {version}, not '{engine.requirement}'",
-            hint="point --endpoint at a server of that build, or change engine.version in llmstack.toml",
-        )
-    return lock.model_copy(update={"engine": engine.model_copy(update={"served": served_pin(served)})})
+    # What the server says about itself (its build, loaded model and defaults) is pinned beside the manifest's.
+    return lock.model_copy(update={"engine": lock.engine.model_copy(update={"served": served_pin(served)})})
 
 
 def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
@@ -65,3 +63,41 @@ def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
     if previous is None or previous.behaviour() != new.behaviour():
         return new
     return new.model_copy(update={"smoke": previous.smoke, "recording": previous.recording})
+
+
+#: The links whose hub sources resolve branches and tags to commits.
+HUB_LINKS = ("model", "template", "tokenizer")
+
+
+def locked_revisions(lock: Lock) -> dict[str, str]:
+    """The commit each hub link of a lock was resolved to, with the source it was resolved from."""
+    found = {}
+    if lock.model.revision:
+        found["model"] = lock.model.revision
+    if lock.template.source.startswith("hf://") and lock.template.revision:
+        found["template"] = lock.template.revision
+    if lock.upstream_tokenizer is not None:
+        found["tokenizer"] = lock.upstream_tokenizer.revision
+    return found
+
+
+def kept_revisions(manifest: Manifest, previous: Lock | None, upgrade: Collection[str]) -> dict[str, str]:
+    """The commits a re-lock keeps: the locked ones, except for links being upgraded or whose source changed.
+
+    Like ``uv lock``: a branch or tag is resolved once and stays pinned until ``lock --upgrade`` re-resolves it.
+    """
+    if previous is None:
+        return {}
+    sources = {
+        "model": (manifest.model.source, previous.model.source),
+        "template": (manifest.template.source, previous.template.source),
+        "tokenizer": (
+            manifest.tokenizer.source,
+            previous.upstream_tokenizer.source if previous.upstream_tokenizer else None,
+        ),
+    }
+    return {
+        link: commit
+        for link, commit in locked_revisions(previous).items()
+        if link not in upgrade and sources[link][0] == sources[link][1]
+    }

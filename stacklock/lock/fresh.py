@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from stacklock.engines.served import is_served
 from stacklock.errors import StaleLockError
+from stacklock.lock.api import locked_revisions
 from stacklock.lock.diff import embedded_template, explain_model, template_diff
 from stacklock.lock.load import load_inputs
 from stacklock.lock.project import read_lock, read_manifest
@@ -16,9 +19,15 @@ from stacklock.model.lock import (
     pin_metadata_value,
 )
 from stacklock.registry.fetch import compare_pins
+from stacklock.reporter import NO_REPORTER, Reporter
+from stacklock.sources.hub import is_commit, stat_hub_file
+from stacklock.sources.model import HubSource, parse_model_source
+from stacklock.template.upstream import HubTemplateSource, parse_hub_template_source
 
 
-def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -> Lock:
+def check_lock(
+    manifest_path: Path, lock_path: Path, *, offline: bool = False, reporter: Reporter = NO_REPORTER
+) -> Lock:
     """Raise StaleLockError with one reason when the lock is missing or no longer matches its inputs."""
     if not lock_path.exists():
         raise StaleLockError(f"{lock_path}: missing", hint="run `stacklock lock` and commit the lock")
@@ -35,8 +44,12 @@ def check_lock(manifest_path: Path, lock_path: Path, *, offline: bool = False) -
         offline=offline,
         registry_pins=locked.registries,
         refresh_registries=not offline,
-        model_revision=locked.model.revision,
+        revisions=locked_revisions(locked),
+        reporter=reporter,
     )
+    if is_served(inputs.manifest.engine.name):
+        # The server is not asked again here: the build it served at lock time stands for the installed one.
+        inputs = replace(inputs, installed_engine_version=locked.engine.version)
     changed = compare_pins(locked.registries, inputs.registries)
     if changed:
         raise StaleLockError(f"{lock_path} is stale: {changed[0]}", hint="run `stacklock lock` to re-pin")
@@ -105,3 +118,41 @@ def first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any]
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def moved_revisions(lock: Lock, *, offline: bool = False) -> tuple[str, ...]:
+    """Hub branches and tags that now name another commit than the locked one: information, not staleness.
+
+    One ``HEAD`` per hub link; nothing offline.
+    """
+    if offline:
+        return ()
+    moved = []
+    for link, (source, path) in _hub_links(lock).items():
+        locked = locked_revisions(lock)[link]
+        if is_commit(source.revision):
+            continue
+        now = stat_hub_file(source.repo, source.revision, path, link=f"{link}.source").commit
+        if now != locked:
+            moved.append(
+                f"{link}: hf://{source.repo}@{source.revision} has moved to {now[:12]} since the lock "
+                f"(locked at {locked[:12]}); `stacklock lock --upgrade` re-pins it"
+            )
+    return tuple(moved)
+
+
+def _hub_links(lock: Lock) -> dict[str, tuple[HubTemplateSource, str]]:
+    """Each hub link's source and a file of it to ask the hub about."""
+    links: dict[str, tuple[HubTemplateSource, str]] = {}
+    model = parse_model_source(lock.model.source)
+    if isinstance(model, HubSource) and lock.model.revision:
+        links["model"] = (HubTemplateSource(model.repo, model.revision, model.path, None), model.path)
+    template = parse_hub_template_source(lock.template.source)
+    if template is not None and lock.template.revision:
+        # The file the template was read from: the origin's path after the commit, without #NAME.
+        links["template"] = (template, lock.template.origin.split("/", 4)[-1].split("#")[0])
+    if lock.upstream_tokenizer is not None:
+        tokenizer = parse_hub_template_source(lock.upstream_tokenizer.source)
+        if tokenizer is not None:
+            links["tokenizer"] = (tokenizer, "tokenizer.json")
+    return links

@@ -21,4 +21,6 @@ class Model(BaseModel):
         use_enum_values=False,
         validate_default=True,
         defer_build=True,
+        # NaN and infinity cross JSON as null and make a value unequal to itself (a fresh lock stale at once).
+        allow_inf_nan=False,
     )

@@ -7,21 +7,19 @@ sorted by key). ``parse_lock`` and ``render_lock`` are pure; reading and writing
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import tomlkit
-from pydantic import Field
-from tomlkit.items import AoT, Array
+from pydantic import BeforeValidator, Field
 
-from stacklock import __version__
-from stacklock.errors import LockError
+import stacklock
+from stacklock.errors import LockError, NewerLockError
+from stacklock.files.digest import canonical_digest, sha256_bytes, sha256_text
 from stacklock.model.base import Model
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 from stacklock.model.findings import Allowance, Finding, RegistryPin
-from stacklock.model.manifest import Expectation, Message, Stack
+from stacklock.model.manifest import MAX_NEW_TOKENS, Expectation, Message, Stack
 from stacklock.model.tokenizer import TokenizerFingerprint
 from stacklock.model.toml import parse_toml, validate
 
@@ -62,7 +60,7 @@ def pin_metadata_value(value: str | float | bool) -> MetadataValue:
     if isinstance(value, str):
         encoded = value.encode("utf-8")
         if len(encoded) > MAX_PINNED_TEXT:
-            return PinnedText(sha256=hashlib.sha256(encoded).hexdigest(), length=len(encoded))
+            return PinnedText(sha256=sha256_bytes(encoded), length=len(encoded))
     return value
 
 
@@ -138,6 +136,25 @@ class TemplatePin(Model):
         default_factory=dict, description="Extra variables."
     )
     text: str | None = Field(default=None, description="The exact template text.")
+    embedded_differs: bool | None = Field(
+        default=None,
+        description="For an upstream (hf://) template: whether the model file's embedded template differs from it.",
+    )
+
+
+class UpstreamTokenizerPin(Model):
+    """The upstream tokenizer (hub ``tokenizer.json``), fingerprinted like the GGUF's, and how they differ."""
+
+    source: str = Field(description="The tokenizer source as written in the manifest.")
+    origin: str = Field(description="Exactly where tokenizer.json was read from (hf://repo@commit/file).")
+    revision: str = Field(description="The hub commit.")
+    vocab_size: int = Field(description="Tokens, added tokens included.")
+    tokens_sha256: str = Field(description="sha256 of the token texts in id order, encoded like the GGUF's.")
+    merges_sha256: str | None = Field(default=None, description="sha256 of the BPE merges, like the GGUF's.")
+    bos_id: int | None = Field(default=None, description="tokenizer_config.json's bos_token, as an id.")
+    eos_id: int | None = Field(default=None, description="tokenizer_config.json's eos_token, as an id.")
+    add_bos: bool | None = Field(default=None, description="tokenizer_config.json's add_bos_token.")
+    differences: tuple[str, ...] = Field(default=(), description="How the GGUF's tokenizer differs from it.")
 
 
 class ServedPin(Model):
@@ -168,7 +185,18 @@ class EnginePin(Model):
     version: str = Field(description="The exact version that will be used.")
     build: int | None = Field(
         default=None,
-        description="The llama.cpp build the engine carries (a lower bound for wrappers), when known.",
+        description="The llama.cpp build the engine carries, when known: exact when build-exact is true, "
+        "else a lower bound (a wrapper release between two rows of its registry table).",
+    )
+    build_exact: bool = Field(
+        default=False,
+        description="Whether build is exact; false: the engine carries this build or a later one. Locks "
+        "written before this key read as lower bounds.",
+    )
+    commit: str | None = Field(
+        default=None,
+        description="The llama.cpp commit the engine vendors, from the registry's table; record and verify "
+        "check the commit the engine reports against it.",
     )
     endpoint: str | None = Field(default=None, description="A served engine's URL, from the manifest.")
     api_key_env: str | None = Field(
@@ -187,9 +215,10 @@ class SmokeGolden(Model):
     prompt_tokens: tuple[int, ...] | None = Field(
         default=None, description="The prompt token ids (short prompts)."
     )
-    tokens: tuple[int, ...] = Field(description="The generated token ids.")
+    tokens: tuple[int, ...] = Field(max_length=MAX_NEW_TOKENS, description="The generated token ids.")
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = Field(
-        description="Per generated token, the top-k (token id, logprob) pairs, rounded to 4 decimals."
+        max_length=MAX_NEW_TOKENS,
+        description="Per generated token, the top-k (token id, logprob) pairs, rounded to 4 decimals.",
     )
     text: str = Field(description="The output after post-processing (stop strings, detokenization).")
     stop_reason: Literal["eos", "stop-string", "max-tokens"] = Field(description="Why generation stopped.")
@@ -201,7 +230,7 @@ class SmokePin(Model):
     messages: tuple[Message, ...] | None = Field(default=None, description="The conversation, system first.")
     add_generation_prompt: bool = Field(default=True, description="Whether the render ends with the header.")
     prompt: str | None = Field(default=None, description="The raw prompt.")
-    max_tokens: int = Field(description="Maximum new tokens.")
+    max_tokens: int = Field(ge=1, le=MAX_NEW_TOKENS, description="Maximum new tokens.")
     expect: Expectation | None = Field(default=None, description="What the output must satisfy.")
     rendered: str | None = Field(default=None, description="The rendered prompt text, exactly as tokenized.")
     rendered_sha256: str = Field(description="sha256 of the rendered prompt text.")
@@ -223,9 +252,11 @@ class Recording(Model):
 class Lock(Model):
     """``llmstack.lock``: every link pinned."""
 
-    lock_version: int = Field(description="The lock format version.")
+    lock_version: int = Field(strict=True, description="The lock format version (an integer).")
     created_by: str = Field(description="The stacklock version that wrote the lock.")
-    manifest_hash: str = Field(description="sha256 of the manifest's content, for drift detection.")
+    manifest_hash: Annotated[str, BeforeValidator(canonical_digest)] = Field(
+        description="sha256 of the manifest's content, for drift detection (hex; a `sha256:` prefix is read too)."
+    )
     stack: Stack = Field(description="The stack, as named in llmstack.toml.")
     model: ModelPin = Field(description="The model file, pinned by sha256, with what its GGUF header says.")
     template: TemplatePin = Field(
@@ -233,6 +264,10 @@ class Lock(Model):
     )
     tokenizer: TokenizerFingerprint = Field(
         description="The tokenizer's fingerprint: vocabulary digests, special tokens and flags."
+    )
+    upstream_tokenizer: UpstreamTokenizerPin | None = Field(
+        default=None,
+        description="The upstream tokenizer ([tokenizer] source = 'hf://…'), compared with the GGUF's.",
     )
     engine: EnginePin = Field(description="The engine and the exact version that runs the stack.")
     backend: EffectiveBackend = Field(
@@ -282,26 +317,33 @@ class Lock(Model):
 def manifest_hash(data: Mapping[str, Any]) -> str:
     """sha256 of the parsed manifest: comments and formatting do not make a lock stale, content does."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return sha256_text(canonical)
 
 
 def created_by() -> str:
-    return f"stacklock {__version__}"
+    # Looked up when a lock is made: reading the installed metadata costs every command that imports this module.
+    return f"stacklock {stacklock.__version__}"
 
 
 def parse_lock(text: str, origin: str = LOCK_NAME) -> Lock:
     data = parse_toml(text, origin, LockError)
     version = data.get("lock-version")
     if isinstance(version, int) and version > LOCK_VERSION:
-        raise LockError(
-            f"{origin}: lock-version {version} is newer than this stacklock understands ({LOCK_VERSION})",
-            hint="upgrade stacklock",
+        writer = data.get("created-by")
+        by = f" (written by {writer})" if isinstance(writer, str) else ""
+        raise NewerLockError(
+            f"{origin}: lock-version {version}{by} is newer than {created_by()} reads (lock-version "
+            f"{LOCK_VERSION})",
+            hint="upgrade stacklock; re-locking with this version would discard what the newer one pinned",
         )
     return validate(Lock, data, origin, text, LockError)
 
 
 def render_lock(lock: Lock) -> str:
     """The lock as deterministic TOML."""
+    # tomlkit is imported only to write a lock: `check` and `lock --check` read locks and pay nothing for it.
+    import tomlkit  # noqa: PLC0415
+
     data = lock.model_dump(mode="json", by_alias=True, exclude_none=True)
     doc = tomlkit.document()
     for line in HEADER.splitlines():
@@ -324,6 +366,9 @@ def _is_array_of_tables(value: Any) -> bool:
 def _fill(container: Any, data: Mapping[str, Any], *, notes: Mapping[str, str] | None = None) -> None:
     # TOML needs a table's plain keys before its sub-tables; within each group the model's field order is kept.
     # Arrays of tables are used for the lock's top-level lists only; nested lists stay inline and compact.
+    import tomlkit  # noqa: PLC0415
+    from tomlkit.items import AoT  # noqa: PLC0415
+
     top = notes is not None
     plain = {k: v for k, v in data.items() if not _is_table(v) and not (top and _is_array_of_tables(v))}
     nested = {k: v for k, v in data.items() if k not in plain}
@@ -351,14 +396,18 @@ def _fill(container: Any, data: Mapping[str, Any], *, notes: Mapping[str, str] |
 
 
 def _item(value: Any) -> Any:
+    import tomlkit  # noqa: PLC0415
+    from tomlkit.items import Array, Trivia  # noqa: PLC0415
+
     if isinstance(value, str) and "\n" in value:
         return tomlkit.string(value, multiline=True)
     if isinstance(value, list):
+        if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
+            # Built in one call: Array.append re-indexes the whole array, quadratic in a 100,000-token golden.
+            return Array([tomlkit.item(_item(entry)) for entry in value], Trivia(), multiline=True)
         array: Array = tomlkit.array()
         for entry in value:
             array.append(_item(entry))
-        if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
-            array.multiline(True)
         return array
     if isinstance(value, dict):
         inline = tomlkit.inline_table()

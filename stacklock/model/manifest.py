@@ -21,9 +21,6 @@ from stacklock.model.toml import parse_toml, validate
 
 MANIFEST_NAME = "llmstack.toml"
 
-#: Engines whose versions are llama.cpp build numbers (``b4628``) rather than PEP 440 versions.
-BUILD_NUMBERED_ENGINES = frozenset({"llama.cpp", "llama-server"})
-
 _BUILD_CLAUSE = re.compile(r"^\s*(==|!=|<=|>=|<|>)\s*b(\d+)\s*$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -70,7 +67,9 @@ class TemplateSpec(Model):
         description=(
             "The chat template: 'gguf' (the one embedded in the model file), 'gguf:NAME' (a named embedded "
             "template), 'file:PATH' (a Jinja file relative to the manifest), 'registry:ID' (a known-good "
-            "template from the registry) or 'none' (raw prompts only)."
+            "template from the registry), 'hf://OWNER/REPO@REV[/FILE][#NAME]' (the upstream template of a hub "
+            "repository: chat_template.jinja, chat_template.json or tokenizer_config.json; #NAME picks a named "
+            "one) or 'none' (raw prompts only)."
         ),
     )
     now: dt.datetime = Field(
@@ -85,15 +84,28 @@ class TemplateSpec(Model):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        if value in ("gguf", "none") or re.match(r"^(gguf|file|registry):.+", value):
+        if value in ("gguf", "none") or re.match(r"^(gguf|file|registry):.+|^hf://[^/]+/[^/@#]+", value):
             return value
-        raise ValueError("must be 'gguf', 'gguf:NAME', 'file:PATH', 'registry:ID' or 'none'")
+        raise ValueError(
+            "must be 'gguf', 'gguf:NAME', 'file:PATH', 'registry:ID', 'hf://OWNER/REPO@REV' or 'none'"
+        )
 
 
 class TokenizerSpec(Model):
-    source: Literal["gguf"] = Field(
-        default="gguf", description="The tokenizer: 'gguf' (the vocabulary embedded in the model file)."
+    source: str = Field(
+        default="gguf",
+        description=(
+            "The tokenizer: 'gguf' (the vocabulary embedded in the model file), or 'hf://OWNER/REPO@REV' to "
+            "compare it with the upstream tokenizer.json (and tokenizer_config.json's special tokens)."
+        ),
     )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value == "gguf" or re.match(r"^hf://[^/]+/[^/@#]+", value):
+            return value
+        raise ValueError("must be 'gguf' or 'hf://OWNER/REPO@REV'")
 
 
 class EngineSpec(Model):
@@ -121,8 +133,15 @@ class EngineSpec(Model):
 
     @model_validator(mode="after")
     def _version(self) -> EngineSpec:
-        check_requirement(self.name, self.version)
+        check_requirement(self.version)
         return self
+
+
+MAX_NEW_TOKENS = 4096
+"""Smoke prompts are short checks; a bound keeps a golden (and the lock that holds it) small to write and read."""
+MAX_STOP_STRINGS = 1000
+MAX_CONTEXT_SIZE = 1 << 24
+"""16M tokens: above any model's trained context; a larger window would only allocate a runaway KV cache."""
 
 
 class BackendKind(enum.StrEnum):
@@ -144,11 +163,13 @@ class BackendSpec(Model):
     )
     threads: int | None = Field(default=None, ge=1, description="CPU threads for generation.")
     batch_size: int | None = Field(default=None, ge=1, description="Prompt-processing batch size.")
-    context_size: int | None = Field(default=None, ge=1, description="Context window in tokens.")
+    context_size: int | None = Field(
+        default=None, ge=1, le=MAX_CONTEXT_SIZE, description="Context window in tokens."
+    )
 
 
-class SamplerSpec(Model):
-    """Sampler settings. Anything left out takes the GGUF's general.sampling.* value, then the engine default."""
+class SamplerValues(Model):
+    """The sampler values, each optional: what a manifest sets, and what a lock knows (None: unknown)."""
 
     temperature: float | None = Field(default=None, ge=0, description="0 is greedy.")
     top_k: int | None = Field(default=None, ge=0, description="Top-k cut-off (0: off).")
@@ -166,10 +187,23 @@ class SamplerSpec(Model):
     mirostat_eta: float | None = Field(default=None, ge=0, description="Mirostat learning rate.")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Sampling seed.")
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Default maximum new tokens per smoke prompt."
+        default=None, ge=1, le=MAX_NEW_TOKENS, description="Default maximum new tokens per smoke prompt."
     )
     stop: tuple[str, ...] | None = Field(
-        default=None, description="Stop strings; the output is cut before them."
+        max_length=MAX_STOP_STRINGS, default=None, description="Stop strings; the output is cut before them."
+    )
+
+
+class SamplerSpec(SamplerValues):
+    """Sampler settings. Anything left out takes the GGUF's general.sampling.* value, then the engine default."""
+
+    defaults: str | None = Field(
+        default=None,
+        description=(
+            "'hf://OWNER/REPO@REV': take sampler defaults from the repository's generation_config.json "
+            "(as vLLM does), above the GGUF's and below the values set here."
+        ),
+        pattern=r"^hf://[^/]+/[^/@#]+",
     )
 
 
@@ -191,6 +225,9 @@ class Expectation(Model):
         if value is not None:
             try:
                 re.compile(value)
+            except (OverflowError, RecursionError) as exc:
+                # A repetition count beyond the engine's limit ('a{4294967296}'), or nesting beyond the stack.
+                raise ValueError(f"invalid regular expression: {exc}") from None
             except re.error as exc:
                 raise ValueError(f"invalid regular expression: {exc}") from None
         return value
@@ -205,7 +242,7 @@ class Smoke(Model):
     add_generation_prompt: bool = Field(default=True, description="End the render with the assistant header.")
     prompt: str | None = Field(default=None, description="A raw prompt, tokenized as is (no template).")
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Maximum new tokens (default: the sampler's)."
+        default=None, ge=1, le=MAX_NEW_TOKENS, description="Maximum new tokens (default: the sampler's)."
     )
     expect: Expectation | None = Field(default=None, description="What the output must satisfy.")
 
@@ -252,22 +289,27 @@ class Manifest(Model):
         return self
 
 
-def check_requirement(engine: str, requirement: str) -> None:
-    """Validate an engine version requirement: build ranges for llama.cpp, PEP 440 for the rest."""
+def check_requirement(requirement: str) -> None:
+    """Validate an engine version requirement: llama.cpp build clauses or PEP 440 specifiers.
+
+    The syntax decides which, not the engine's name (``b4628`` is never a PEP 440 version); whether the engine
+    takes builds is the adapter's knowledge, checked when the stack is locked.
+    """
     if not requirement.strip():
         return
-    if engine in BUILD_NUMBERED_ENGINES:
-        for clause in requirement.split(","):
-            if not _BUILD_CLAUSE.match(clause):
-                raise ValueError(
-                    f"'{requirement}' is not a llama.cpp build requirement; write e.g. '>=b4628' or '>=b4628,<b7756'"
-                )
+    clauses = requirement.split(",")
+    if any(_BUILD_CLAUSE.match(clause) for clause in clauses):
+        if not all(_BUILD_CLAUSE.match(clause) for clause in clauses):
+            raise ValueError(
+                f"'{requirement}' is not a llama.cpp build requirement; write e.g. '>=b4628' or '>=b4628,<b7756'"
+            )
         return
     try:
         SpecifierSet(requirement)
     except InvalidSpecifier:
         raise ValueError(
-            f"'{requirement}' is not a PEP 440 version requirement; write e.g. '==0.3.36'"
+            f"'{requirement}' is neither a PEP 440 version requirement ('==0.3.36') nor llama.cpp builds "
+            "('>=b4628,<b7756')"
         ) from None
 
 

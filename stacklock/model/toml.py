@@ -25,6 +25,11 @@ def parse_toml(text: str, origin: str, error: type[InputError]) -> dict[str, Any
     """Parse TOML text; a syntax error names the line, column and byte offset."""
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays recursively: 3,000 '[' exhaust the stack before any other limit.
+        raise error(
+            f"{origin}: invalid TOML: arrays or inline tables nest too deeply", hint="flatten the value"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         match = _TOML_POSITION.search(message)

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomlkit
+
 from stacklock.errors import RegistryError
-from stacklock.files.atomic import write_text_atomic
+from stacklock.files.atomic import file_error, write_text_atomic
 from stacklock.registry.files import STACK_FILES, StackMeta, parse_stack_entry
 
 # -- Sharing a stack -----------------------------------------------------------------------------------------
 
 
 def render_stack_meta(meta: StackMeta) -> str:
-    lines = [f"name = {json.dumps(meta.name)}", f"title = {json.dumps(meta.title, ensure_ascii=False)}"]
+    """A stack entry's ``stack.toml``: the empty description and tags are left out."""
+    doc = tomlkit.document()
+    doc.update({"name": meta.name, "title": meta.title})
     if meta.description:
-        lines.append(f"description = {json.dumps(meta.description, ensure_ascii=False)}")
+        doc["description"] = meta.description
     if meta.tags:
-        lines.append(f"tags = [{', '.join(json.dumps(t, ensure_ascii=False) for t in meta.tags)}]")
-    return "\n".join(lines) + "\n"
+        doc["tags"] = list(meta.tags)
+    return tomlkit.dumps(doc)
 
 
 StackValidator = Callable[[str, str, Mapping[str, Any]], None]
@@ -67,7 +70,10 @@ def export_stack_entry(
         raise RegistryError(
             f"{target}: a stack entry with this name exists; choose another name or overwrite it"
         )
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_error("create", target, exc) from None
     for filename, data in files.items():
         write_text_atomic(target / filename, data.decode())
     on_disk = {f: (target / f).read_bytes() for f in STACK_FILES}

@@ -14,15 +14,14 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Final, Literal
 
 from stacklock.errors import NetworkError, RegistryError
+from stacklock.files.atomic import file_error
 from stacklock.files.digest import default_cache_dir
 from stacklock.model.findings import RegistryPin, RegistrySource
 from stacklock.registry.files import (
@@ -33,6 +32,8 @@ from stacklock.registry.files import (
     read_registry_files,
     registry_digest,
 )
+from stacklock.reporter import NO_REPORTER, Reporter, step
+from stacklock.sources.local import confine_dir
 
 MAX_ARCHIVE_BYTES: Final = 64 << 20
 MAX_EXTRACTED_BYTES: Final = 256 << 20
@@ -80,6 +81,10 @@ def _check_http_url(name: str, url: str) -> None:
 
 def fetch_archive(name: str, url: str) -> bytes:
     """Download an archive (HTTPS, or HTTP on the loopback interface), at most 64 MiB."""
+    # urllib.request (and http.client, ssl) load only for a download, not for every registry resolution.
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
     _check_http_url(name, url)
     request = urllib.request.Request(url, headers={"User-Agent": "stacklock"})  # noqa: S310 - scheme checked above
     try:
@@ -251,6 +256,7 @@ def load_registry_source(
     refresh: bool = False,
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
+    reporter: Reporter = NO_REPORTER,
 ) -> LoadedRegistry:
     """Read one configured registry.
 
@@ -266,6 +272,9 @@ def load_registry_source(
     kind = source_kind(source.url)
     if kind == "directory":
         root = _local_path(source.url, base_dir)
+        if base_dir is not None:
+            # A manifest's registry directory is confined to the project like any other local source.
+            root = confine_dir(str(root), base_dir, f"registry '{source.name}'")
         if not (root / "registry.toml").is_file():
             raise RegistryError(
                 f"registry '{source.name}': {root} holds no registry.toml; point the url at a registry "
@@ -286,8 +295,14 @@ def load_registry_source(
             f"registry '{source.name}' ({source.url}) cannot be read offline: {why}",
             hint="run once without --offline to fill the cache",
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_error("create the registry cache", cache, exc) from None
+    with (
+        step(reporter, f"fetching registry '{source.name}' from {source.url}"),
+        tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp,
+    ):
         tree = Path(tmp) / "tree"
         commit: str | None = None
         if kind == "git":
@@ -315,6 +330,7 @@ def resolve_registries(
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
     include_bundled: bool = True,
+    reporter: Reporter = NO_REPORTER,
 ) -> tuple[LoadedRegistry, ...]:
     """The bundled registry, then every configured one in order, each with its :class:`RegistryPin`.
 
@@ -342,6 +358,7 @@ def resolve_registries(
                 refresh=refresh,
                 cache_dir=cache_dir,
                 base_dir=base_dir,
+                reporter=reporter,
             )
         )
     owner: dict[str, str] = {}

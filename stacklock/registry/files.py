@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 from pydantic import Field, field_validator
 
 from stacklock.errors import RegistryError
+from stacklock.files.digest import sha256_bytes
 from stacklock.model.base import Model
 from stacklock.model.findings import RegistryPin
 from stacklock.model.manifest import Name
@@ -37,6 +38,7 @@ from stacklock.model.toml import parse_toml, validate
 from stacklock.rules.predicates import Rule, parse_rule, predicate_json_schema_defs
 from stacklock.rules.pretokenizers import PRETOKENIZERS_FILE, PreTokenizerTable, parse_pretokenizer_table
 from stacklock.rules.versions import EngineTable, EngineTables, parse_engine_table
+from stacklock.sources.local import read_bytes_file
 
 #: The registry format this stacklock reads; ``registry.toml`` says which one a registry is written in.
 FORMAT_VERSION: Final = 1
@@ -229,7 +231,7 @@ def parse_registry(
                 raise RegistryError(
                     f"{file_origin}: file: '{entry.filename}' is not in templates/; add it or fix the name"
                 )
-            actual = hashlib.sha256(files[template_path]).hexdigest()
+            actual = sha256_bytes(files[template_path])
             if actual != entry.sha256:
                 raise RegistryError(
                     f"{file_origin}: sha256: does not match templates/{entry.filename} (its sha256 is "
@@ -348,8 +350,10 @@ def read_registry_files(root: Path) -> dict[str, bytes]:
             if filename.startswith("."):
                 continue
             path = base / filename
-            if path.is_file():
-                files[path.relative_to(root).as_posix()] = path.read_bytes()
+            # A symlink could lead out of the registry (to /proc/self/environ); only regular files are read.
+            if not path.is_symlink() and path.is_file():
+                rel = path.relative_to(root).as_posix()
+                files[rel] = read_bytes_file(path, f"{root}: {rel}", RegistryError)
     return files
 
 

@@ -16,6 +16,7 @@ from stacklock.registry.export import export_stack_entry
 from stacklock.registry.fetch import resolve_registries
 from stacklock.registry.files import FORMAT_VERSION, parse_certificate
 from stacklock.registry.query import find_stack
+from stacklock.sources.local import read_text_file
 
 
 def validate_stack(
@@ -71,14 +72,10 @@ def share_stack(
             f"{FORMAT_VERSION} and a name",
         )
     lock_path = manifest_path.with_name(LOCK_NAME)
-    try:
-        manifest_text = manifest_path.read_text(encoding="utf-8")
-        lock_text = lock_path.read_text(encoding="utf-8")
-        certificate_text = certificate_path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise UsageError(
-            f"{exc.filename}: not found", hint="run `stacklock lock`, `record` and `verify` first"
-        ) from None
+    manifest_text, lock_text, certificate_text = (
+        read_text_file(p, str(p), UsageError, hint="run `stacklock lock`, `record` and `verify` first")
+        for p in (manifest_path, lock_path, certificate_path)
+    )
     manifest = parse_manifest(manifest_text, str(manifest_path))
     certificate = parse_certificate(certificate_text, str(certificate_path))
     validate_stack(

@@ -64,6 +64,9 @@ FAMILIES: tuple[str, ...] = (
     "stacklock.gguf.structure",
     "stacklock.template.probes",
     "stacklock.rules.pretokenizers",
+    "stacklock.rules.policy",
+    "stacklock.template.upstream",
+    "stacklock.rules.upstream",
 )
 
 

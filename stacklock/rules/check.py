@@ -14,8 +14,8 @@ from typing import Protocol
 from stacklock.model.findings import Allowance, Finding, Link, Severity
 from stacklock.model.lock import Lock
 from stacklock.rules.builtin import all_checks, carried_findings, run_checks
-from stacklock.rules.facts import facts_from_lock
-from stacklock.rules.predicates import HasRules, Rule, evaluate, rules_for, triage
+from stacklock.rules.facts import build_fact, facts_from_lock
+from stacklock.rules.predicates import HasRules, Rule, evaluate, judge, rules_for
 from stacklock.rules.pretokenizers import HasPreTokenizers
 from stacklock.rules.versions import EngineTables, HasEngineTables, vendored_build
 
@@ -45,6 +45,8 @@ class CheckResult:
     allowances: tuple[Allowance, ...]
     blocking: tuple[Finding, ...]
     coverage: Coverage
+    stale: tuple[Allowance, ...] = ()
+    """The lock's allowances that match no error finding any more; ``stacklock lock`` would drop them."""
 
     @property
     def ok(self) -> bool:
@@ -62,11 +64,15 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
         here = dict(facts)
         here["engine.version"] = installed_engine
         build = vendored_build(lock.engine.name, installed_engine, EngineTables.merged(registries))
-        if build is None:
-            here.pop("engine.build", None)
-        else:
-            here["engine.build"] = build
-        installed = lock.engine.model_copy(update={"version": installed_engine, "build": build})
+        here["engine.build"] = None if build is None else build_fact(build.build, exact=build.exact)
+        installed = lock.engine.model_copy(
+            update={
+                "version": installed_engine,
+                "build": build and build.build,
+                "build_exact": bool(build and build.exact),
+                "commit": build and build.commit,
+            }
+        )
         for finding in (
             *evaluate(rules, here),
             *run_checks(lock.model_copy(update={"engine": installed}), registries).findings,
@@ -76,9 +82,13 @@ def check_stack(lock: Lock, registries: Sequence[Registry], installed_engine: st
     for finding in builtin.findings:
         findings.setdefault(finding.rule, finding)
     ordered = tuple(sorted(findings.values(), key=lambda f: (_RANK[f.severity], f.rule)))
-    result = triage(ordered, lock.allowances)
+    judgement = judge(ordered, carried=lock.allowances)
     return CheckResult(
-        ordered, lock.allowances, tuple(result.blocking), _coverage(rules, facts, builtin.skipped)
+        ordered,
+        lock.allowances,
+        judgement.blocking,
+        _coverage(rules, facts, builtin.skipped),
+        judgement.stale,
     )
 
 

@@ -6,6 +6,7 @@ Pure, and light to import: `stacklock check` builds facts from a lock without re
 from __future__ import annotations
 
 from stacklock.model.lock import Lock
+from stacklock.rules.predicates import AtLeast
 
 
 def facts_from_lock(lock: Lock) -> dict[str, object]:
@@ -39,7 +40,7 @@ def facts_from_lock(lock: Lock) -> dict[str, object]:
         "tokenizer.eos-text": lock.tokenizer.eos_text,
         "template.text": lock.template.text,
         "template.sha256": lock.template.sha256,
-        "engine.build": lock.engine.build,
+        "engine.build": build_fact(lock.engine.build, exact=lock.engine.build_exact),
     }
     facts.update({k: v for k, v in optional.items() if v is not None})
     facts["tokenizer.special-texts"] = lock.model.special_texts
@@ -47,8 +48,18 @@ def facts_from_lock(lock: Lock) -> dict[str, object]:
     facts.update({f"gguf.{k}": v for k, v in lock.model.metadata.items()})
     for key, shape in lock.model.arrays.items():
         facts[f"gguf.{key}"] = int(shape[shape.index("[") + 1 : -1])
-    for key, value in lock.backend.model_dump(by_alias=True, mode="json").items():
-        facts[f"backend.{key}"] = value
+    # A value whose origin is unknown is left out: an unknown fact, never a guessed one.
+    for key, value in lock.backend.model_dump(by_alias=True, mode="json", exclude={"origin"}).items():
+        if value is not None:
+            facts[f"backend.{key}"] = value
     for key, value in lock.sampler.model_dump(by_alias=True, mode="json", exclude={"origin"}).items():
-        facts[f"sampler.{key}"] = tuple(value) if isinstance(value, list) else value
+        if value is not None:
+            facts[f"sampler.{key}"] = tuple(value) if isinstance(value, list) else value
     return facts
+
+
+def build_fact(build: int | None, *, exact: bool) -> int | AtLeast | None:
+    """The ``engine.build`` fact: the exact build, or only a lower bound (rules that depend on it say so)."""
+    if build is None:
+        return None
+    return build if exact else AtLeast(build)

@@ -27,14 +27,23 @@ on it is false except ``absent``. So ``not-equals`` and ``not-in`` are false for
 ``not = { fact = ..., in = [...] }`` to make a rule fire when the fact is unknown.
 
 Equality is strict about booleans (``true`` never equals ``1``); integers and floats compare as numbers.
+
+Numbers known only from below: a fact whose value is :class:`AtLeast` (the llama.cpp build of a wrapper release
+between two rows of its engine table) is neither guessed low nor high. A rule that tests it is evaluated at
+every build where one of its comparisons can change its answer (each bound ``b`` and ``b + 1`` at or above the
+known minimum, and the minimum itself); the answer is piecewise constant between those points, so when all
+agree the rule's answer is known, and when they differ :func:`evaluate` reports an info finding, "cannot tell
+for llama.cpp build >= bN", instead of a silent match or miss.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Protocol
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -87,7 +96,8 @@ KNOWN_FACTS: Final[Mapping[str, str]] = {
     "template.features": "Template features, from stacklock.template.template_features (tuple of str).",
     "engine.name": "'llama-cpp-python', 'llama.cpp', 'ollama', 'vllm', ... (str).",
     "engine.version": "The exact engine version (str).",
-    "engine.build": "The llama.cpp build the engine runs, own or vendored (a lower bound) (int).",
+    "engine.build": "The llama.cpp build the engine runs, own or vendored (int; AtLeast when only known from "
+    "below).",
     "backend.kind": "'cpu', 'cuda', 'metal', 'vulkan', 'rocm' or 'sycl' (str).",
     "backend.flash-attention": "'on', 'off' or 'auto' (str).",
     "backend.cache-type-k": "KV-cache type of K, e.g. 'f16', 'q8_0' (str).",
@@ -120,6 +130,13 @@ COMBINATORS: Final = ("all", "any", "not")
 Scalar = str | int | float | bool
 
 
+@dataclass(frozen=True, slots=True)
+class AtLeast:
+    """A fact value known only from below: the true value is ``minimum`` or more (see the module docstring)."""
+
+    minimum: int
+
+
 class PredicateSyntaxError(ValueError):
     """A malformed predicate, with the TOML key path where it is malformed."""
 
@@ -146,6 +163,10 @@ class Predicate:
     def fact_names(self) -> frozenset[str]:
         raise NotImplementedError
 
+    def change_points(self, fact: str) -> frozenset[int]:
+        """The integers at which the answer can change as the number ``fact`` grows (see :class:`AtLeast`)."""
+        raise NotImplementedError
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Predicate) and self.data == other.data
 
@@ -157,15 +178,22 @@ class Predicate:
 
 
 class _Test(Predicate):
-    __slots__ = ("check", "fact", "on_unknown")
+    __slots__ = ("check", "fact", "on_unknown", "points")
 
     def __init__(
-        self, data: Mapping[str, Any], fact: str, check: Callable[[object], bool], on_unknown: bool
+        self,
+        data: Mapping[str, Any],
+        fact: str,
+        check: Callable[[object], bool],
+        on_unknown: bool,
+        points: tuple[int, ...] = (),
     ) -> None:
         super().__init__(data)
         self.fact = fact
         self.check = check
         self.on_unknown = on_unknown
+        # The integers at which this test's answer on a number can change (see AtLeast).
+        self.points = points
 
     def test(self, facts: Facts) -> bool:
         value = facts.get(self.fact)
@@ -175,6 +203,9 @@ class _Test(Predicate):
 
     def fact_names(self) -> frozenset[str]:
         return frozenset((self.fact,))
+
+    def change_points(self, fact: str) -> frozenset[int]:
+        return frozenset(self.points) if fact == self.fact else frozenset()
 
 
 class _All(Predicate):
@@ -189,6 +220,9 @@ class _All(Predicate):
 
     def fact_names(self) -> frozenset[str]:
         return frozenset().union(*(c.fact_names() for c in self.children))
+
+    def change_points(self, fact: str) -> frozenset[int]:
+        return frozenset().union(*(c.change_points(fact) for c in self.children))
 
 
 class _Any(_All):
@@ -210,6 +244,9 @@ class _Not(Predicate):
 
     def fact_names(self) -> frozenset[str]:
         return self.child.fact_names()
+
+    def change_points(self, fact: str) -> frozenset[int]:
+        return self.child.change_points(fact)
 
 
 def _equal(a: object, b: object) -> bool:
@@ -381,8 +418,23 @@ def compile_predicate(raw: object, path: str = "when") -> Predicate:
         raise PredicateSyntaxError(
             path, f"one operator per test, got {', '.join(operators)}; split them into an 'all' array"
         )
-    check, on_unknown = _compile_check(operators[0], raw[operators[0]], path)
-    return _Test(raw, fact, check, on_unknown)
+    operator = operators[0]
+    check, on_unknown = _compile_check(operator, raw[operator], path)
+    return _Test(raw, fact, check, on_unknown, _change_points(operator, raw[operator]))
+
+
+def _change_points(operator: str, value: object) -> tuple[int, ...]:
+    """Where a comparison's answer on an integer can change: each bound ``b`` and ``b + 1`` covers every
+    operator (``<b`` changes at b, ``<=b`` at b + 1, ``==b`` at both)."""
+    bounds: list[float] = []
+    if operator == "build-range" and isinstance(value, str):
+        bounds = [bound for _, bound in parse_build_range(value).clauses]
+    elif operator in ("less-than", "greater-than", "equals", "not-equals") and _is_number(value):
+        bounds = [value]  # type: ignore[list-item]
+    elif operator in ("in", "not-in") and isinstance(value, list | tuple):
+        bounds = [item for item in value if _is_number(item)]
+    points = {math.floor(bound) + step for bound in bounds for step in (0, 1)}
+    return tuple(sorted(points))
 
 
 def _validate_when(value: object) -> Predicate:
@@ -583,27 +635,74 @@ def evaluate(rules: Iterable[Rule], facts: Facts, *, registry: str | None = None
 
     Findings name the rule's registry, or ``registry`` when given.
     """
-    found = [rule.finding(registry) for rule in rules if rule.when.test(facts)]
+    bounded = {name: value.minimum for name, value in facts.items() if isinstance(value, AtLeast)}
+    if not bounded:
+        found = [rule.finding(registry) for rule in rules if rule.when.test(facts)]
+    else:
+        found = []
+        for rule in rules:
+            answer = _answer(rule.when, facts, bounded)
+            if answer is True:
+                found.append(rule.finding(registry))
+            elif answer is None:
+                found.append(_cannot_tell(rule, bounded, registry))
     found.sort(key=finding_sort_key)
     return tuple(found)
 
 
-class Triage(Model):
-    """Findings split by what they mean for ``stacklock lock``, given the user's allowances."""
+def _answer(when: Predicate, facts: Facts, bounded: Mapping[str, int]) -> bool | None:
+    """The predicate's answer for every value the bounded facts may have; None when it depends on them."""
+    names = when.fact_names()
+    tested = {name: minimum for name, minimum in bounded.items() if name in names}
+    if not tested:
+        return when.test(facts)
+    candidates: list[dict[str, object]] = [dict(facts)]
+    for name, minimum in tested.items():
+        values = [minimum, *(p for p in sorted(when.change_points(name)) if p > minimum)]
+        candidates = [{**candidate, name: value} for candidate in candidates for value in values]
+    answers = {when.test(candidate) for candidate in candidates}
+    return answers.pop() if len(answers) == 1 else None
 
-    blocking: tuple[Finding, ...] = Field(description="Error findings no allowance covers: the lock stops.")
-    allowed: tuple[Finding, ...] = Field(description="Error findings the user accepted with --allow.")
-    recorded: tuple[Finding, ...] = Field(
-        description="Warnings and info: printed and recorded, never blocking."
+
+def _cannot_tell(rule: Rule, bounded: Mapping[str, int], registry: str | None) -> Finding:
+    below = ", ".join(
+        f"llama.cpp build >= b{minimum}" if name == "engine.build" else f"{name} >= {minimum}"
+        for name, minimum in sorted(bounded.items())
+        if name in rule.when.fact_names()
     )
-    unused: tuple[Allowance, ...] = Field(
-        description="Allowances that match no error finding; the user must remove them."
+    finding = rule.finding(registry)
+    return finding.model_copy(
+        update={
+            "severity": Severity.INFO,
+            "title": f"Cannot tell for {below}: {rule.title}",
+            "explanation": f"The rule's answer depends on the exact build, and the lock knows only that it is "
+            f"{below.removeprefix('llama.cpp ')} (the engine's registry table has no row for this release). "
+            f"If it applies: {rule.explanation}",
+            "fix": "Pin an engine release that the registry's engine table lists exactly, or add a row for this "
+            f"release to engines/<engine>.toml in a registry. If the rule applies: {rule.fix}",
+        }
     )
-    problems: tuple[str, ...] = Field(description="One line per blocking finding or unused allowance.")
+
+
+class Judgement(Model):
+    """Findings judged against allowances: the one algorithm ``stacklock lock`` and ``stacklock check`` share."""
+
+    blocking: tuple[Finding, ...] = Field(
+        description="Error findings no allowance covers, and one error (registry 'lock') per allowance given "
+        "now that matches no error finding: the lock stops, check fails."
+    )
+    allowed: tuple[Finding, ...] = Field(description="Error findings an allowance covers.")
+    allowances: tuple[Allowance, ...] = Field(
+        description="The allowances that cover an error finding, given ones first: what the lock records."
+    )
+    stale: tuple[Allowance, ...] = Field(
+        description="Carried allowances (from the lock) that match no error finding any more: a re-lock drops "
+        "them, check reports them."
+    )
 
     @property
     def ok(self) -> bool:
-        return not self.blocking and not self.unused
+        return not self.blocking
 
 
 #: Rules renamed to say what they detect: old id → new id. An allowance of the old id accepts the new one.
@@ -618,78 +717,60 @@ def current_allowances(allowances: Sequence[Allowance]) -> tuple[Allowance, ...]
     )
 
 
-def triage(findings: Sequence[Finding], allowances: Sequence[Allowance]) -> Triage:
-    """Split findings into blocking errors, allowed errors and recorded warnings/info.
+def judge(
+    findings: Sequence[Finding], *, given: Sequence[Allowance] = (), carried: Sequence[Allowance] = ()
+) -> Judgement:
+    """Judge findings against the allowances given now (``--allow``) and those carried in a lock.
 
-    An allowance that matches no error finding is itself a problem: left in the lock, it would silently accept
-    the rule the day it fires for a different reason. The user must remove it.
+    An allowance accepts one error finding by rule id. Given now, an allowance that matches no error finding
+    blocks: left in the lock, it would silently accept the rule the day it fires for a different reason, so
+    the user must not add it. Carried from a lock, such an allowance is stale: it was right when it was given,
+    and a re-lock drops it (check reports it, so the two agree on the same lock). A given allowance wins over a
+    carried one for the same rule (its reason is newer).
     """
-    allowances = current_allowances(allowances)
-    allowed_ids = {a.rule for a in allowances}
+    given = current_allowances(given)
+    carried = current_allowances(carried)
     errors = [f for f in findings if f.severity is Severity.ERROR]
-    blocking = tuple(f for f in errors if f.rule not in allowed_ids)
-    allowed = tuple(f for f in errors if f.rule in allowed_ids)
-    recorded = tuple(f for f in findings if f.severity is not Severity.ERROR)
     error_ids = {f.rule for f in errors}
-    other_severity = {f.rule: f.severity for f in recorded}
-    unused: list[Allowance] = []
-    problems = [f"rule '{f.rule}' ({f.registry}): {f.title}; {f.fix}" for f in blocking]
-    seen: set[str] = set()
-    for allowance in allowances:
-        if allowance.rule in error_ids or allowance.rule in seen:
-            continue
-        seen.add(allowance.rule)
-        unused.append(allowance)
-        if allowance.rule in other_severity:
-            problems.append(
-                f"--allow {allowance.rule}: the rule is a {other_severity[allowance.rule].value}, which "
-                "never "
-                "blocks a lock; remove the allowance"
-            )
-        else:
-            problems.append(
-                f"--allow {allowance.rule}: the rule found no error in this stack; remove the allowance, "
-                "or it would accept a future error unseen"
-            )
-    return Triage(
-        blocking=blocking, allowed=allowed, recorded=recorded, unused=tuple(unused), problems=tuple(problems)
-    )
-
-
-def split_allowed(
-    findings: Sequence[Finding], allowances: Sequence[Allowance]
-) -> tuple[tuple[Finding, ...], tuple[Allowance, ...]]:
-    """(blocking findings, the allowances that were used), for ``stacklock lock``.
-
-    Blocking: error findings no allowance covers, plus one error finding (registry ``lock``) per allowance
-    that matches no error finding, telling the user to remove it. The allowances returned are the ones to
-    record.
-    """
-    allowances = current_allowances(allowances)
-    result = triage(findings, allowances)
-    used = tuple(a for a in allowances if a.rule in {f.rule for f in result.allowed})
+    chosen: dict[str, Allowance] = {}
+    for allowance in (*given, *carried):
+        chosen.setdefault(allowance.rule, allowance)
+    covering = {rule: a for rule, a in chosen.items() if rule in error_ids}
+    given_ids = {a.rule for a in given}
+    unused = {a.rule: a for a in given if a.rule not in error_ids}
     stale = tuple(
-        Finding(
-            rule=a.rule,
-            severity=Severity.ERROR,
-            title=f"--allow {a.rule} matches no error finding",
-            links=(Link.ENGINE,)
-            if not any(f.rule == a.rule for f in findings)
-            else _links_of(findings, a.rule),
-            explanation=(
-                "An allowance accepts one error finding. This one matches none (the rule did not fire, or "
-                "is only a warning or info), and left in the lock it would silently accept the rule if it "
-                "fired later."
-            ),
-            fix=(
-                f"remove the allowance: re-lock without --allow {a.rule}, "
-                "or delete it from the lock's allowances"
-            ),
-            registry="lock",
-        )
-        for a in result.unused
+        {a.rule: a for a in carried if a.rule not in error_ids and a.rule not in given_ids}.values()
     )
-    return (*result.blocking, *stale), used
+    return Judgement(
+        blocking=(
+            *(f for f in errors if f.rule not in covering),
+            *(_unused_allowance(a, findings) for a in unused.values()),
+        ),
+        allowed=tuple(f for f in errors if f.rule in covering),
+        allowances=tuple(covering.values()),
+        stale=stale,
+    )
+
+
+def _unused_allowance(allowance: Allowance, findings: Sequence[Finding]) -> Finding:
+    severity = next((f.severity for f in findings if f.rule == allowance.rule), None)
+    why = f"the rule is a {severity.value}, which never blocks" if severity else "the rule found nothing"
+    return Finding(
+        rule=allowance.rule,
+        severity=Severity.ERROR,
+        title=f"--allow {allowance.rule} matches no error finding ({why})",
+        links=_links_of(findings, allowance.rule) if severity else (Link.ENGINE,),
+        explanation=(
+            "An allowance accepts one error finding. This one matches none (the rule did not fire, or "
+            "is only a warning or info), and left in the lock it would silently accept the rule if it "
+            "fired later."
+        ),
+        fix=(
+            f"remove the allowance: re-lock without --allow {allowance.rule}, "
+            "or delete it from the lock's allowances"
+        ),
+        registry="lock",
+    )
 
 
 def _links_of(findings: Sequence[Finding], rule: str) -> tuple[Link, ...]:
@@ -710,19 +791,19 @@ __all__ = [
     "COMBINATORS",
     "KNOWN_FACTS",
     "OPERATORS",
+    "AtLeast",
     "Facts",
     "HasRules",
+    "Judgement",
     "Predicate",
     "PredicateSyntaxError",
     "Rule",
-    "Triage",
     "compile_predicate",
     "evaluate",
     "finding_sort_key",
+    "judge",
     "parse_rule",
     "predicate_json_schema_defs",
     "rule_from_data",
     "rules_for",
-    "split_allowed",
-    "triage",
 ]

@@ -5,10 +5,16 @@ A llama.cpp build number is the commit count of ``master`` at a commit; the rele
 llama.cpp fix reaches a wrapper only at the first release whose vendored build is at or above the fix build.
 Which release vendors which build is registry data (``registry/engines/*.toml``), never code: this module
 only parses those tables (:func:`parse_engine_table`) and looks versions up in them (:func:`vendored_build`).
+The tables of every loaded registry count, the bundled one first (:meth:`EngineTables.merged`).
 
-A table row says "from this release on, the vendored build is at least this one". A release between two rows
-is given the earlier row's build, which is a lower bound: rules of the form ``build < bFIX`` may then fire for
-a release that in fact already carries the fix, never the other way round.
+A table row is exact for its own release (the vendored submodule commit at that tag), and for the releases up
+to its ``last`` when the table says so. A release between two rows is only known from below: it vendors at
+least the earlier row's build. :class:`VendoredBuild` keeps that distinction, the lock records it
+(``build-exact``), and a rule whose answer depends on the unknown part says so instead of guessing
+(:mod:`stacklock.rules.predicates`).
+
+An engine with no table and no adapter is not guessed either: a requirement written as llama.cpp builds
+(``==b4628``) makes the version the build (:func:`is_build_requirement`); any other engine's build is unknown.
 """
 
 from __future__ import annotations
@@ -29,9 +35,6 @@ from stacklock.model.toml import parse_toml, validate
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
     from pathlib import Path
-
-#: Engines whose own versions are llama.cpp build numbers.
-BUILD_NUMBERED_ENGINES = frozenset({"llama.cpp", "llama-server"})
 
 _BUILD = re.compile(r"^b?(\d+)$")
 _CLAUSE = re.compile(r"^(==|!=|<=|>=|<|>)\s*b(\d+)$")
@@ -92,6 +95,15 @@ def parse_build_range(text: str) -> BuildRange:
     return BuildRange(tuple(clauses))
 
 
+def is_build_requirement(text: str) -> bool:
+    """Whether a version requirement is written in llama.cpp builds (``'>=b4628,<b7756'``), not PEP 440.
+
+    The syntax decides, so an engine that no adapter describes can still be locked by its build: ``b4628`` is
+    never a PEP 440 version, and a PEP 440 requirement never parses as builds.
+    """
+    return bool(text.strip()) and all(_CLAUSE.match(clause.strip()) for clause in text.split(","))
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_version(text: str) -> Version | None:
     """A PEP 440 version, or None when the text is not one. Cached: rules compare the same version often."""
@@ -105,17 +117,28 @@ def parse_version(text: str) -> Version | None:
 
 
 class BuildRow(Model):
-    """One release of a wrapper and the llama.cpp build it vendors from that release on."""
+    """One release of a wrapper and the llama.cpp build it vendors; later releases vendor at least this build."""
 
-    version: str = Field(description="The first release (PEP 440) that vendors this build.")
+    version: str = Field(description="The release (PEP 440) whose vendored build this row gives exactly.")
     build: str = Field(description="The vendored llama.cpp build, e.g. 'b4875'.")
+    last: str | None = Field(
+        default=None,
+        description="The last release that vendors exactly this build too (default: this row's release only); "
+        "releases after it and before the next row vendor at least this build.",
+    )
+    commit: str | None = Field(
+        default=None,
+        description="The vendored llama.cpp commit (at least 7 hex digits), which engines that report their "
+        "commit are checked against.",
+        pattern=r"^[0-9a-f]{7,40}$",
+    )
     date: str | None = Field(default=None, description="The release date (YYYY-MM-DD), for readers.")
     note: str | None = Field(default=None, description="Patches or caveats of this release.")
 
-    @field_validator("version")
+    @field_validator("version", "last")
     @classmethod
-    def _version(cls, value: str) -> str:
-        if parse_version(value) is None:
+    def _version(cls, value: str | None) -> str | None:
+        if value is not None and parse_version(value) is None:
             raise ValueError(f"'{value}' is not a PEP 440 version; write e.g. '0.3.8'")
         return value
 
@@ -149,18 +172,49 @@ class EngineTable(Model):
                 raise ValueError(f"builds must not go down: '{later.version}' vendors an older build")
         return rows
 
-    def build_for(self, version: str) -> int | None:
-        """The vendored build (a lower bound) of ``version``; None when it precedes the first row."""
+    def build_for(self, version: str) -> VendoredBuild | None:
+        """The vendored build of ``version``, exact or a lower bound; None when it precedes the first row."""
         parsed = parse_version(version)
         if parsed is None:
             return None
-        found: int | None = None
+        found: BuildRow | None = None
         for row in self.releases:
             if parse_version(row.version) <= parsed:  # type: ignore[operator]
-                found = parse_build(row.build)
+                found = row
             else:
                 break
-        return found
+        if found is None:
+            return None
+        last = parse_version(found.last or found.version)
+        exact = parsed <= last  # type: ignore[operator]
+        return VendoredBuild(parse_build(found.build), exact, found.commit if exact else None)
+
+
+def same_commit(one: str, other: str) -> bool:
+    """Two git commit ids name the same commit: one is a prefix of the other, at least 7 hex digits long.
+
+    What follows the hex digits is ignored: ggml reports a tree with local changes as ``0c1e570-dirty``.
+    """
+    one, other = _hex_prefix(one), _hex_prefix(other)
+    shorter = min(len(one), len(other))
+    return shorter >= 7 and one[:shorter] == other[:shorter]
+
+
+def _hex_prefix(commit: str) -> str:
+    match = _HEX.match(commit.strip().lower())
+    return "" if match is None else match[0]
+
+
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+@dataclass(frozen=True, slots=True)
+class VendoredBuild:
+    """The llama.cpp build a release carries: exact, or only known from below (``exact`` False)."""
+
+    build: int
+    exact: bool
+    commit: str | None = None
 
 
 def parse_engine_table(text: str, origin: str) -> EngineTable:
@@ -181,26 +235,27 @@ class EngineTables:
 
     @classmethod
     def merged(cls, registries: Iterable[HasEngineTables]) -> EngineTables:
-        """The tables of several registries; for an engine in more than one, the first registry's wins."""
+        """The tables of several registries, in order (the bundled one first).
+
+        For an engine in more than one, the rows are joined: a later registry adds releases the earlier ones do
+        not list (a team registry can carry the row of a release newer than this stacklock), and its row for a
+        release they do list wins.
+        """
         return cls.of(table for registry in registries for table in registry.engines.tables.values())
 
     @classmethod
     def of(cls, tables: Iterable[EngineTable]) -> EngineTables:
         by_name: dict[str, EngineTable] = {}
         for table in tables:
-            by_name.setdefault(table.engine, table)
+            earlier = by_name.get(table.engine)
+            by_name[table.engine] = table if earlier is None else _joined(earlier, table)
         return cls(by_name)
 
 
-def engine_build(engine_name: str, version: str, tables: EngineTables) -> int | None:
-    """The llama.cpp build an engine runs: its own build number, or the build a wrapper vendors."""
-    if engine_name in BUILD_NUMBERED_ENGINES:
-        try:
-            return parse_build(version)
-        except ValueError:
-            return None
-    table = tables.tables.get(engine_name)
-    return None if table is None else table.build_for(version)
+def _joined(earlier: EngineTable, later: EngineTable) -> EngineTable:
+    rows = {parse_version(row.version): row for row in (*earlier.releases, *later.releases)}
+    ordered = tuple(rows[version] for version in sorted(rows))  # type: ignore[type-var]
+    return earlier.model_copy(update={"releases": ordered})
 
 
 def read_engine_tables(directory: Path) -> EngineTables:
@@ -211,26 +266,27 @@ def read_engine_tables(directory: Path) -> EngineTables:
     )
 
 
-def vendored_build(engine_name: str, version: str, tables: EngineTables) -> int | None:
-    """The llama.cpp build of ``engine_name`` at ``version``, from the loaded registries' tables.
+def vendored_build(engine_name: str, version: str, tables: EngineTables) -> VendoredBuild | None:
+    """The llama.cpp build a release of ``engine_name`` vendors, from the loaded registries' tables.
 
-    llama.cpp itself: the version is the build (``'b4628'`` → 4628). A wrapper: its table's lower bound.
-    Unknown engine, unparseable version, or a release older than the table: None (the fact stays unknown).
+    An engine without a table, an unparseable version, or a release older than the table: None (unknown).
     """
-    return engine_build(engine_name, version, tables)
+    table = tables.tables.get(engine_name)
+    return None if table is None else table.build_for(version)
 
 
 __all__ = [
-    "BUILD_NUMBERED_ENGINES",
     "BuildRange",
     "BuildRow",
     "EngineTable",
     "EngineTables",
-    "engine_build",
+    "VendoredBuild",
+    "is_build_requirement",
     "parse_build",
     "parse_build_range",
     "parse_engine_table",
     "parse_version",
     "read_engine_tables",
+    "same_commit",
     "vendored_build",
 ]

@@ -11,12 +11,13 @@ One string format covers every kind, so new kinds slot in without a manifest for
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from stacklock.errors import NetworkError, SourceError
+from stacklock.errors import SourceError
+from stacklock.reporter import NO_REPORTER, Reporter
+from stacklock.sources.local import confine
 
 _HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
 
@@ -49,6 +50,7 @@ def parse_model_source(text: str, where: str = "model.source") -> ModelSource:
                 f"{where}: '{text}' is not a hub source",
                 hint="write hf://owner/repo@revision/path/to/file.gguf",
             )
+        _check_hub_names(text, where, match["repo"], match["path"])
         return HubSource(match["repo"], match["rev"] or "main", match["path"])
     if text.startswith("registry://"):
         return RegistryModelSource(text.removeprefix("registry://"))
@@ -60,6 +62,20 @@ def parse_model_source(text: str, where: str = "model.source") -> ModelSource:
     return LocalSource(text.removeprefix("file:"))
 
 
+def _check_hub_names(text: str, where: str, repo: str, path: str) -> None:
+    # The hub's own rules for repository ids, checked here so that its client's ValueError never escapes.
+    if "--" in repo or ".." in repo or repo.endswith((".", "-")):
+        raise SourceError(
+            f"{where}: '{text}': the repository id '{repo}' may not contain '--' or '..', nor end in '.' or '-'",
+            hint="write hf://owner/repo@revision/path/to/file.gguf",
+        )
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise SourceError(
+            f"{where}: '{text}': the path in the repository may not contain '.', '..' or empty segments",
+            hint="name the file by its path from the repository's root",
+        )
+
+
 @dataclass(frozen=True)
 class FetchedModel:
     path: Path
@@ -69,90 +85,31 @@ class FetchedModel:
 
 
 def fetch_model(
-    source: ModelSource, base_dir: Path, *, offline: bool = False, endpoint: str | None = None
+    source: ModelSource,
+    base_dir: Path,
+    *,
+    offline: bool = False,
+    endpoint: str | None = None,
+    reporter: Reporter = NO_REPORTER,
 ) -> FetchedModel:
     """Make the model file available locally and say where it is.
 
     ``endpoint`` is the hub to ask for ``hf://`` sources (default: ``$HF_ENDPOINT``, else huggingface.co).
     """
     if isinstance(source, LocalSource):
-        path = Path(source.path)
-        path = path if path.is_absolute() else base_dir / path
-        if not path.is_file():
-            raise SourceError(
-                f"model.source: file not found: {source.path}",
-                hint="fix the path (relative to llmstack.toml) or create the file",
-            )
-        return FetchedModel(path, None)
+        return FetchedModel(confine(source.path, base_dir, "model.source"), None)
     if isinstance(source, HubSource):
-        return _fetch_hub(source, offline=offline, endpoint=endpoint)
+        return _fetch_hub(source, offline=offline, endpoint=endpoint, reporter=reporter)
     raise SourceError(
         f"model.source: registry://{source.name}: registry model sources are not supported yet",
         hint="use a local path or hf://owner/repo@revision/file.gguf",
     )
 
 
-def _env_true(name: str) -> bool:
-    # The spellings huggingface_hub accepts for its own switches.
-    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
+def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None, reporter: Reporter) -> FetchedModel:
+    from stacklock.sources.hub import download_hub_file  # noqa: PLC0415 - huggingface_hub is slow to import.
 
-
-def _hub_cache_dir() -> str | None:
-    # huggingface_hub reads these once, when it is first imported; reading them here, per call, lets a
-    # long-lived process (or a test) point stacklock at another cache without re-importing the client.
-    if cache := os.environ.get("HF_HUB_CACHE"):
-        return cache
-    if home := os.environ.get("HF_HOME"):
-        return str(Path(home) / "hub")
-    return None
-
-
-def _fetch_hub(source: HubSource, *, offline: bool, endpoint: str | None) -> FetchedModel:
-    # Imported here: huggingface_hub is slow to import and only hub sources need it.
-    from huggingface_hub import hf_hub_download  # noqa: PLC0415
-    from huggingface_hub.errors import (  # noqa: PLC0415
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    path, commit = download_hub_file(
+        source.repo, source.revision, source.path, offline=offline, endpoint=endpoint, reporter=reporter
     )
-
-    where = f"model.source: hf://{source.repo}@{source.revision}/{source.path}"
-    try:
-        local = hf_hub_download(
-            repo_id=source.repo,
-            filename=source.path,
-            revision=source.revision,
-            cache_dir=_hub_cache_dir(),
-            # The client reads HF_ENDPOINT and HF_HUB_OFFLINE at import; these are read per call.
-            endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,
-            local_files_only=offline or _env_true("HF_HUB_OFFLINE"),
-        )
-    except RepositoryNotFoundError:
-        raise SourceError(
-            f"{where}: repository not found (or private)",
-            hint="check the owner/repo name (a private repository needs HF_TOKEN)",
-        ) from None
-    except RevisionNotFoundError:
-        raise SourceError(f"{where}: revision not found", hint="check the branch, tag or commit") from None
-    except RemoteEntryNotFoundError:
-        raise SourceError(f"{where}: file not found in the repository", hint="check the path") from None
-    except LocalEntryNotFoundError:
-        # Also an EntryNotFoundError in huggingface_hub: caught by its own class, after the remote one.
-        raise NetworkError(
-            f"{where}: not in the local hub cache and the hub is not reachable",
-            hint="go online once to download it, or set HF_ENDPOINT",
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise NetworkError(
-            f"{where}: download failed: {reason}", hint="check the network or HF_ENDPOINT"
-        ) from None
-    path = Path(local)
-    # The hub cache lays files out as <repo>/snapshots/<commit>/<path in the repo>: the directory above the
-    # path's own folders is the resolved commit, whatever the branch or tag asked for.
-    depth = len(PurePosixPath(source.path).parts)
-    snapshot = path.parents[depth - 1]
-    revision = snapshot.name if snapshot.parent.name == "snapshots" else source.revision
-    return FetchedModel(path, revision)
+    return FetchedModel(path, commit)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2 import nodes
 
-from stacklock.errors import TemplateError
+from stacklock.errors import RenderLimitError, TemplateError
 from stacklock.gguf.tokenizer import EOM_TEXTS, EOT_TEXTS
 from stacklock.model.findings import Finding, Link, Severity
 from stacklock.rules.builtin import BuiltinCheck, FamilyRun, register, register_family
@@ -218,8 +218,13 @@ class _Renders:
     lock: Lock
     ok: dict[tuple[str, bool], str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    #: Set once a render runs past its bounds: every other render would too, each taking the full deadline.
+    runaway: str | None = None
 
     def render(self, conv: Conversation, *, prompt: bool, now: dt.datetime | None = None) -> str | None:
+        if self.runaway is not None:
+            self.failed[conv.name] = self.runaway
+            return None
         key = (conv.name, prompt)
         if now is None and key in self.ok:
             return self.ok[key]
@@ -239,6 +244,8 @@ class _Renders:
             )
         except TemplateError as exc:
             self.failed[conv.name] = exc.message
+            if isinstance(exc, RenderLimitError):
+                self.runaway = exc.message
             return None
         if now is None:
             self.ok[key] = text

@@ -68,6 +68,7 @@ import string
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import jinja2
@@ -80,7 +81,8 @@ import jinja2.utils
 from jinja2 import nodes
 from jinja2.visitor import NodeTransformer
 
-from stacklock.errors import TemplateError
+from stacklock.errors import RenderLimitError, TemplateError
+from stacklock.template.worker import run_bounded
 
 if TYPE_CHECKING:
     from types import CodeType, TracebackType
@@ -395,6 +397,9 @@ def _check_format_string(state: _State, fmt: str, args: Iterable[Any]) -> None:
             state.check_width(int(digits))
     for value in args:
         state.check_width(value)
+        # A nested replacement field takes its width from an argument as text: '{0:{1}}'.format('a', '9' * 9).
+        if isinstance(value, str) and 0 < len(value) <= 32 and value.strip().lstrip("+-").isdigit():
+            state.check_width(int(value))
 
 
 def _check_method(state: _State, obj: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
@@ -534,12 +539,28 @@ def _parse_only_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
     )
 
 
+_COMPILER_ERRORS = (SyntaxError, RecursionError, MemoryError, OverflowError)
+"""What Python's own parser and compiler raise on templates nested past their limits (21 nested loops,
+2,000 nested parentheses): Jinja compiles a template to Python source."""
+_HARD_DEADLINE_SLACK_S = 1.0
+
+
+def _compiler_error(error: BaseException, origin: str) -> TemplateError:
+    what = getattr(error, "msg", None) or type(error).__name__
+    return TemplateError(
+        f"{_label(origin)}: does not compile ({_one_line(str(what))}): it nests blocks or expressions too deeply",
+        hint="simplify the template: fewer nested loops, conditions and brackets",
+    )
+
+
 def compile_check(text: str, origin: str) -> None:
-    """Parse ``text`` as transformers would; a syntax error becomes a TemplateError naming the line."""
+    """Compile ``text`` as transformers would; a syntax error becomes a TemplateError naming the line."""
     try:
-        _parse_only_environment().parse(text)
+        _parse_only_environment().from_string(text)
     except jinja2.TemplateSyntaxError as error:
         raise _syntax_error(error, origin) from None
+    except _COMPILER_ERRORS as error:
+        raise _compiler_error(error, origin) from None
 
 
 def render_chat_template(
@@ -559,9 +580,47 @@ def render_chat_template(
     """Render ``template`` exactly as ``tokenizer.apply_chat_template(..., tokenize=False)`` would.
 
     Every failure is a one-line :class:`TemplateError`: a syntax error (with its line), ``raise_exception``,
-    a sandbox escape, a runaway template (time, output, value size, integer size, recursion) or any other
-    rendering error.
+    a sandbox escape, a runaway template (time, output, value size, integer size, recursion, memory) or any
+    other rendering error. The render runs in a forked worker (:mod:`stacklock.template.worker`) that is killed
+    at a hard deadline and has a memory cap, so even a single runaway filter call stops.
     """
+    # Compiled here first, so that every forked render finds the code in the cache it inherits, and a template
+    # that does not compile fails here, once, without a worker.
+    _compile(template, origin)
+    return run_bounded(
+        lambda: _render_in_process(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            now=now,
+            tools=tools,
+            documents=documents,
+            extra_context=extra_context,
+            limits=limits,
+            origin=origin,
+        ),
+        # The in-process checks normally stop a slow render first, with a message naming its loop's line.
+        seconds=limits.max_seconds + _HARD_DEADLINE_SLACK_S,
+        label=_label(origin),
+    )
+
+
+def _render_in_process(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    bos_token: str | None,
+    eos_token: str | None,
+    now: dt.datetime,
+    tools: Sequence[Mapping[str, Any]] | None,
+    documents: Sequence[Mapping[str, Any]] | None,
+    extra_context: Mapping[str, Any] | None,
+    limits: RenderLimits,
+    origin: str,
+) -> str:
     label = _label(origin)
     if not messages:
         raise TemplateError(
@@ -576,10 +635,7 @@ def render_chat_template(
         )
     state = _State(limits)
     env = _make_environment(state, now)
-    try:
-        code = _compile(template)
-    except jinja2.TemplateSyntaxError as error:
-        raise _syntax_error(error, origin) from None
+    code = _compile(template, origin)
     compiled = env.template_class.from_code(env, code, env.make_globals(None), None)
     context = _context(messages, add_generation_prompt, bos_token, eos_token, tools, documents, extra_context)
     state.deadline = time.monotonic() + limits.max_seconds
@@ -592,18 +648,60 @@ def render_chat_template(
                 _output_exceeded()
             state.tick()
             chunks.append(chunk)
-    except Exception as error:  # noqa: BLE001 - Every template failure becomes one TemplateError.
+    except Exception as error:
+        if _is_our_bug(error):
+            raise
         raise _translate(error, label, limits) from None
     return "".join(chunks)
 
 
+# What a template's own expressions raise on values it cannot handle ('a' - 1, x[9], 1 / 0, int('x')): the
+# user's template is at fault. Jinja's errors and the sandbox's limits are the template's by construction.
+_TEMPLATE_FAULTS = (
+    jinja2.TemplateError,
+    _Limit,
+    TypeError,
+    ValueError,
+    LookupError,
+    ArithmeticError,
+    RecursionError,
+    MemoryError,
+)
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def _is_our_bug(error: Exception) -> bool:
+    """An error of another kind (NameError, AttributeError, AssertionError…) raised in stacklock's own guard
+    code is a bug in stacklock, not in the user's template: it keeps its traceback instead of blaming them.
+    """
+    if isinstance(error, _TEMPLATE_FAULTS):
+        return False
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+def _compile(template: str, origin: str) -> CodeType:
+    """The template's code, or its compile error as a one-line TemplateError naming ``origin``."""
+    outcome = _compile_outcome(template)
+    if isinstance(outcome, jinja2.TemplateSyntaxError):
+        raise _syntax_error(outcome, origin) from None
+    if isinstance(outcome, BaseException):
+        raise _compiler_error(outcome, origin) from None
+    return outcome
+
+
 @functools.lru_cache(maxsize=32)
-def _compile(template: str) -> CodeType:
-    """The template compiled once per text: compiling costs far more than rendering, and the probes and smoke
-    prompts render one template many times. The code does not depend on the limits or the clock, which the
-    environment of each render carries."""
+def _compile_outcome(template: str) -> CodeType | BaseException:
+    """The template compiled once per text, failures included: compiling costs far more than rendering (a
+    pathological template can take seconds to fail), and the probes and smoke prompts render one template many
+    times. The code does not depend on the limits or the clock, which the environment of each render carries."""
     env = _make_environment(_State(RenderLimits()), _EPOCH)
-    code: CodeType = env.compile(template)
+    try:
+        code: CodeType = env.compile(template)
+    except (jinja2.TemplateSyntaxError, *_COMPILER_ERRORS) as error:
+        return error
     return code
 
 
@@ -688,12 +786,12 @@ def _translate(error: Exception, label: str, limits: RenderLimits) -> TemplateEr
     where = f"{label} line {line}" if line is not None else label
     if isinstance(error, _Limit):
         if error.kind == "time":
-            return TemplateError(
+            return RenderLimitError(
                 f"{label}: rendering exceeded {limits.max_seconds} s",
                 hint="the template loops too long; check its loops or raise RenderLimits.max_seconds",
             )
         if error.kind == "output":
-            return TemplateError(
+            return RenderLimitError(
                 f"{label}: output exceeded {limits.max_output_chars} characters",
                 hint="the template writes runaway output; check its loops or raise RenderLimits.max_output_chars",
             )
@@ -783,7 +881,7 @@ def template_features(text: str) -> tuple[str, ...]:
     """The sorted :data:`FEATURES` that ``text`` uses, from its Jinja AST (by regex if it does not parse)."""
     try:
         tree = _parse_only_environment().parse(text)
-    except jinja2.TemplateSyntaxError:
+    except (jinja2.TemplateSyntaxError, *_COMPILER_ERRORS):
         return tuple(sorted(name for name, pattern in _FEATURE_PATTERNS if pattern.search(text)))
     return tuple(sorted(_ast_features(tree)))
 

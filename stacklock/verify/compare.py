@@ -169,7 +169,8 @@ def golden_from_observation(observation: Observation) -> SmokeGolden:
 def recording_from(engine: EngineIdentity, environment: Mapping[str, str], top_k: int) -> Recording:
     """Where and how goldens were recorded, in the lock's shape."""
     return Recording(
-        engine=engine.model_dump(by_alias=True),
+        # TOML has no null: what the engine does not report (a build, a ggml version) is left out.
+        engine=engine.model_dump(by_alias=True, exclude_none=True),
         environment=dict(environment),
         top_k=top_k,
     )

@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from stacklock.engines.base import LoadedModel
-    from stacklock.engines.runner import Job
+    from stacklock.engines.runner import RenderedSmoke
     from stacklock.engines.served import ServedEngine
-    from stacklock.model.lock import Lock
+    from stacklock.model.lock import Lock, SmokePin
 
 __all__ = ["ANOTHER_MODEL", "run_served", "served_artifacts"]
 
@@ -31,35 +31,33 @@ ANOTHER_MODEL = "the server has another model loaded"
 
 
 def run_served(
-    lock: Lock, engine: ServedEngine, jobs: Sequence[Job], *, top_k: int, from_golden: bool
+    lock: Lock, engine: ServedEngine, prompts: Sequence[RenderedSmoke], *, top_k: int, from_golden: bool
 ) -> EngineRun:
-    """Observe every job on the served engine; with ``from_golden``, through the engine's own chat path."""
+    """Observe every prompt on the served engine; with ``from_golden``, through the engine's own chat path."""
     loaded = engine.load(None, lock.backend)
     try:
         observations: dict[str, Observation] = {}
         decoded: dict[int, str] = {}
         pins = {pin.name: pin for pin in lock.smoke}
-        for job in jobs:
-            pin = pins[job.name]
+        vocab = lock.tokenizer.vocab_size
+        for prompt in prompts:
+            pin = pins[prompt.name]
             golden = pin.golden if from_golden else None
             if golden is None or golden.prompt_tokens is None:
                 seen = observe(
                     loaded,
-                    job.rendered,
-                    add_bos=job.add_bos,
-                    sampler=lock.sampler,
-                    max_tokens=job.max_tokens,
-                    stop=lock.sampler.stop,
+                    prompt.rendered,
+                    add_bos=prompt.add_bos,
+                    sampler=prompt.sampler,
+                    max_tokens=prompt.max_tokens,
+                    stop=prompt.sampler.stop or (),
                     top_k=top_k,
                 )
             else:
-                seen = _through_chat_path(lock, loaded, job, golden.prompt_tokens, top_k=top_k)
-            observations[job.name] = seen
-            wanted = {*seen.generation.prompt_tokens, *seen.generation.tokens}
+                seen = _through_chat_path(lock, pin, loaded, prompt, golden.prompt_tokens, top_k=top_k)
+            observations[prompt.name] = seen
+            wanted = {*prompt.decode, *seen.generation.prompt_tokens, *seen.generation.tokens}
             wanted |= {t for step in seen.generation.steps for t, _ in step.top}
-            if pin.golden is not None:
-                wanted |= {*pin.golden.tokens, *(t for step in pin.golden.top_logprobs for t, _ in step)}
-            vocab = lock.tokenizer.vocab_size
             decoded.update(
                 {t: loaded.detokenize([t], special=True) for t in wanted - decoded.keys() if 0 <= t < vocab}
             )
@@ -70,20 +68,25 @@ def run_served(
 
 
 def _through_chat_path(
-    lock: Lock, loaded: LoadedModel, job: Job, locked_tokens: Sequence[int], *, top_k: int
+    lock: Lock,
+    pin: SmokePin,
+    loaded: LoadedModel,
+    prompt: RenderedSmoke,
+    locked_tokens: Sequence[int],
+    *,
+    top_k: int,
 ) -> Observation:
-    pin = next(p for p in lock.smoke if p.name == job.name)
-    rendered = job.rendered
+    rendered = prompt.rendered
     if pin.kind == "chat" and pin.messages:
         own = loaded.builtin_chat_render([m.model_dump() for m in pin.messages])
         if own is not None:
-            rendered = _with_bos(own[1], job.rendered, lock)
-    tokens = loaded.tokenize(job.rendered, add_bos=job.add_bos, parse_special=True)
+            rendered = _with_bos(own[1], prompt.rendered, lock)
+    tokens = loaded.tokenize(prompt.rendered, add_bos=prompt.add_bos, parse_special=True)
     generation = loaded.generate(
         locked_tokens,
-        sampler=lock.sampler,
-        max_tokens=job.max_tokens,
-        stop=lock.sampler.stop,
+        sampler=prompt.sampler,
+        max_tokens=prompt.max_tokens,
+        stop=prompt.sampler.stop or (),
         top_k_logprobs=top_k,
     )
     # The tokenization stage compares what the engine makes of the locked render; generation ran from the

