@@ -36,6 +36,7 @@ from stacklock.sources.local import confine
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.verify.compare import (
     STAGES,
+    Stage,
     StageResult,
     Tolerance,
     VerifyReport,
@@ -47,7 +48,13 @@ from stacklock.verify.compare import (
     skipped,
     smoke_result,
 )
-from stacklock.verify.served import ANOTHER_MODEL, run_served, served_artifacts
+from stacklock.verify.served import (
+    ANOTHER_MODEL,
+    hide_unobservable,
+    run_served,
+    served_artifacts,
+    unobservable_stages,
+)
 
 
 def check_engine(lock: Lock) -> None:
@@ -409,7 +416,8 @@ def _verify_served(lock: Lock, served: ServedEngine, tolerance: Tolerance | None
     prompts, broken = _rendered(lock)
     top_k = lock.recording.top_k if lock.recording else 5
     run = run_served(lock, served, prompts, top_k=top_k, from_golden=True)
-    report = _compare(lock, run, broken, artifacts, None, tolerance)
+    hidden = unobservable_stages(lock.engine.name, served.capabilities())
+    report = _compare(lock, run, broken, artifacts, None, tolerance, hidden=hidden)
     notes = list(report.notes)
     if lock.engine.served is not None and lock.engine.served.unobservable:
         notes.append(
@@ -426,8 +434,11 @@ def _compare(
     artifacts: StageResult,
     reference: str | None,
     tolerance: Tolerance | None,
+    *,
+    hidden: Mapping[Stage, str] | None = None,
 ) -> VerifyReport:
-    """Each smoke prompt's stages: the engine's observations against the goldens."""
+    """Each smoke prompt's stages: the engine's observations against the goldens; the ``hidden`` stages (which
+    a served engine does not let stacklock observe) are reported as not checked."""
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
@@ -454,6 +465,8 @@ def _compare(
                 decode=_decoder(run.decoded),
             )
         )
+    if hidden:
+        results = hide_unobservable(lock, results, hidden)
     recorded = lock.recording.engine if lock.recording else None
     return build_report(results, engine=run.identity, recorded_engine=recorded, tolerance=tolerance)
 
