@@ -31,6 +31,7 @@ from stacklock.engines.base import (
 )
 from stacklock.engines.http import ServedClient, ServedSettings, field
 from stacklock.engines.llama_server import NOT_REPORTED, ServedModel
+from stacklock.engines.openai_compat import completion_request, listed_model
 from stacklock.errors import EngineError
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class LlamaCppServerEngine:
             )
         self._http = ServedClient(ENGINE_NAME, settings, client)
         self._openapi: dict[str, Any] | None = None
+        self._model: str | None = None
 
     @property
     def http(self) -> ServedClient:
@@ -126,8 +128,13 @@ class LlamaCppServerEngine:
 
     def served_model(self) -> ServedModel:
         """The model's alias, all the server tells about it (its path unless started with --model_alias)."""
-        answer = self._http.get("/v1/models")
-        return ServedModel({"model-id": str(field(f"{ENGINE_NAME} /v1/models", answer, "data", 0, "id"))})
+        return ServedModel({"model-id": self.model_id()})
+
+    def model_id(self) -> str:
+        """The served model every request names (``engine.model``, else the one the server lists first)."""
+        if self._model is None:
+            self._model = listed_model(ENGINE_NAME, self._http, self._http.get("/v1/models"))
+        return self._model
 
     def chat_template(self) -> str | None:
         """No endpoint shows the template the server renders chats with."""
@@ -156,12 +163,13 @@ class LlamaCppServerModel:
         self._engine = engine
         self._http = engine.http
         self._added: tuple[int, ...] | None = None
+        self._model = engine.model_id()
 
     def identity(self) -> EngineIdentity:
         return self._engine.identity()
 
     def _tokenize(self, text: str) -> tuple[int, ...]:
-        answer = self._http.post("/extras/tokenize", {"input": text})
+        answer = self._http.post("/extras/tokenize", {"input": text, "model": self._model})
         return tuple(int(t) for t in field(f"{ENGINE_NAME} /extras/tokenize", answer, "tokens"))
 
     def added_tokens(self) -> tuple[int, ...]:
@@ -182,7 +190,7 @@ class LlamaCppServerModel:
         return tokens
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:  # noqa: ARG002 - the server never shows special tokens
-        answer = self._http.post("/extras/detokenize", {"tokens": list(tokens)})
+        answer = self._http.post("/extras/detokenize", {"tokens": list(tokens), "model": self._model})
         return str(field(f"{ENGINE_NAME} /extras/detokenize", answer, "text"))
 
     def bos_id(self) -> int | None:
@@ -212,7 +220,9 @@ class LlamaCppServerModel:
         tokenization of the text (what the completion feeds the model); the generated ids are not observable."""
         request = completion_request(ENGINE_NAME, sampler, _SAMPLER_PARAMS, fixed=_FIXED)
         # One logprob per token gives each token's text, which tells a stop string from an end of generation.
-        request.update(prompt=prompt, max_tokens=max_tokens, stop=list(stop), logprobs=1, stream=False)
+        request.update(
+            model=self._model, prompt=prompt, max_tokens=max_tokens, stop=list(stop), logprobs=1, stream=False
+        )
         answer = self._http.post("/v1/completions", request)
         what = f"{ENGINE_NAME} /v1/completions"
         choice = field(what, answer, "choices", 0)
@@ -233,26 +243,6 @@ class LlamaCppServerModel:
 
     def close(self) -> None:
         self._http.close()
-
-
-def completion_request(
-    engine: str, sampler: SamplerSettings, names: Mapping[str, str], *, fixed: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Every sampler value the server reads, by its request name (seed 0 when none is locked); a locked value
-    the server cannot be given, other than the one it applies, is refused rather than silently dropped."""
-    for key, applied in fixed.items():
-        value = getattr(sampler, key)
-        if value is not None and value != applied:
-            raise EngineError(
-                f"{engine} cannot be given sampler.{key} = {value!r}: its requests have no such field and it "
-                f"applies {applied!r}",
-                hint=f"set sampler.{key} = {applied!r} in llmstack.toml, or use an engine that takes it",
-            )
-    request: dict[str, Any] = {
-        name: getattr(sampler, key) for key, name in names.items() if getattr(sampler, key) is not None
-    }
-    request.setdefault("seed", 0)
-    return request
 
 
 def stop_reason(finish: object, text: str, pieces: Sequence[str]) -> StopReason:

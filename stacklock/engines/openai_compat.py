@@ -24,7 +24,6 @@ from stacklock.engines.base import (
     first_stop,
 )
 from stacklock.engines.http import ServedClient, ServedSettings, field
-from stacklock.engines.llama_cpp_server import completion_request
 from stacklock.engines.llama_server import NOT_REPORTED, ServedModel
 from stacklock.engines.served import UNVERIFIED
 from stacklock.errors import EngineError
@@ -77,33 +76,21 @@ class OpenAICompatibleEngine:
                 hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
             )
         self._http = ServedClient(ENGINE_NAME, settings, client)
-        self._models: Any = None
+        self._model: str | None = None
 
-    def models(self) -> Any:
-        """``/v1/models``, asked once: the only thing such a server says about itself."""
-        if self._models is None:
-            self._models = self._http.get("/v1/models")
-            field(f"{ENGINE_NAME} /v1/models", self._models, "data", 0, "id")
-        return self._models
+    def model_id(self) -> str:
+        """The served model every request names (``engine.model``, else the one the server lists first)."""
+        if self._model is None:
+            self._model = listed_model(ENGINE_NAME, self._http, self._http.get("/v1/models"))
+        return self._model
 
     def identity(self) -> EngineIdentity:
-        self.models()
-        return EngineIdentity(
-            name=ENGINE_NAME,
-            version=UNVERIFIED,
-            build=None,
-            backend=NOT_REPORTED,
-            system_info=NOT_REPORTED,
-            python=NOT_REPORTED,
-            platform=NOT_REPORTED,
-            cpu=NOT_REPORTED,
-        )
+        self.model_id()
+        return _identity()
 
     def served_model(self) -> ServedModel:
-        """The id of the first model the server lists."""
-        return ServedModel(
-            {"model-id": str(field(f"{ENGINE_NAME} /v1/models", self.models(), "data", 0, "id"))}
-        )
+        """The model's id, all such a server tells about it."""
+        return ServedModel({"model-id": self.model_id()})
 
     def chat_template(self) -> str | None:
         return None
@@ -116,7 +103,20 @@ class OpenAICompatibleEngine:
         return self.info.capabilities
 
     def load(self, model_path: Path | None, backend: BackendSettings) -> OpenAICompatibleModel:  # noqa: ARG002 - the server loaded its model
-        return OpenAICompatibleModel(self._http, self.served_model()["model-id"])
+        return OpenAICompatibleModel(self._http, self.model_id())
+
+
+def _identity() -> EngineIdentity:
+    return EngineIdentity(
+        name=ENGINE_NAME,
+        version=UNVERIFIED,
+        build=None,
+        backend=NOT_REPORTED,
+        system_info=NOT_REPORTED,
+        python=NOT_REPORTED,
+        platform=NOT_REPORTED,
+        cpu=NOT_REPORTED,
+    )
 
 
 class OpenAICompatibleModel:
@@ -127,16 +127,7 @@ class OpenAICompatibleModel:
         self._model = model
 
     def identity(self) -> EngineIdentity:
-        return EngineIdentity(
-            name=ENGINE_NAME,
-            version=UNVERIFIED,
-            build=None,
-            backend=NOT_REPORTED,
-            system_info=NOT_REPORTED,
-            python=NOT_REPORTED,
-            platform=NOT_REPORTED,
-            cpu=NOT_REPORTED,
-        )
+        return _identity()
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> tuple[int, ...]:  # noqa: ARG002
         raise EngineError(f"{ENGINE_NAME} has no tokenize endpoint")
@@ -197,3 +188,43 @@ class OpenAICompatibleModel:
 
     def close(self) -> None:
         self._http.close()
+
+
+def completion_request(
+    engine: str, sampler: SamplerSettings, names: Mapping[str, str], *, fixed: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Every sampler value the server reads, by its request name (seed 0 when none is locked); a locked value
+    the server cannot be given, other than the one it applies, is refused rather than silently dropped."""
+    for key, applied in fixed.items():
+        value = getattr(sampler, key)
+        if value is not None and value != applied:
+            raise EngineError(
+                f"{engine} cannot be given sampler.{key} = {value!r}: its requests have no such field and it "
+                f"applies {applied!r}",
+                hint=f"set sampler.{key} = {applied!r} in llmstack.toml, or use an engine that takes it",
+            )
+    request: dict[str, Any] = {
+        name: getattr(sampler, key) for key, name in names.items() if getattr(sampler, key) is not None
+    }
+    request.setdefault("seed", 0)
+    return request
+
+
+def listed_model(engine: str, http: ServedClient, answer: Any) -> str:
+    """The model id to ask for: the one ``engine.model`` names, which ``/v1/models`` must list, else the first
+    one listed."""
+    what = f"{engine} /v1/models"
+    listed = [str(field(what, entry, "id")) for entry in field(what, answer, "data")]
+    wanted = http.settings.model
+    if wanted is None:
+        if not listed:
+            raise EngineError(
+                f"{engine} at {http.endpoint} serves no model", hint="load a model in the server"
+            )
+        return listed[0]
+    if wanted not in listed:
+        raise EngineError(
+            f"{engine} at {http.endpoint} serves no model named {wanted!r} (it serves: {', '.join(listed) or 'none'})",
+            hint="load that model in the server, or set engine.model in llmstack.toml to the id it serves",
+        )
+    return wanted

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from stacklock.engines.served import UNVERIFIED, served_engine, served_pin
-from stacklock.errors import EngineError, RuleViolation
+from stacklock.errors import ManifestError, RuleViolation
 from stacklock.lock.load import load_inputs
 from stacklock.lock.resolve import resolve
 from stacklock.model.findings import Allowance
@@ -42,7 +42,7 @@ def lock_stack(
         if version == UNVERIFIED:
             # No request tells the version: the manifest must pin one, which the lock keeps, unverified.
             if not spec.version.strip().startswith("=="):
-                raise EngineError(
+                raise ManifestError(
                     f"engine.version: {spec.name} servers do not report their version, so "
                     f"'{spec.version or '(any)'}' cannot be checked",
                     hint="pin the version the server runs exactly (e.g. version = '==0.3.31'); "
