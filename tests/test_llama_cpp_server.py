@@ -190,7 +190,8 @@ def test_a_server_under_another_alias_is_another_model(recorded: Path, tmp_path:
         result = cli("verify", "--endpoint", url, cwd=recorded)
     assert result.code == 3
     assert "serves no model named 'tiny-chat' (it serves: someone-else)" in result.err
-    assert result.err.count("\n") == 1
+    assert sum(line.startswith("error:") for line in result.err.splitlines()) == 1
+    assert "Traceback" not in result.err
 
 
 def test_a_server_of_another_version_is_refused_at_lock(server: str, tmp_path: Path, cli: Cli) -> None:
