@@ -30,6 +30,7 @@ from stacklock.engines.base import (
     StopReason,
 )
 from stacklock.engines.http import ServedClient, ServedSettings, field
+from stacklock.engines.llama_cpp import RANDOM_SEED
 from stacklock.engines.llama_server import NOT_REPORTED, ServedModel
 from stacklock.engines.openai_compat import completion_request, listed_model
 from stacklock.errors import EngineError
@@ -71,8 +72,25 @@ class LlamaCppServerEngine:
         distribution=None,
         build_scheme="vendored",
         builds_of="llama-cpp-python",
-        # The server's defaults are its request schema's; lock reads them from /openapi.json.
-        sampler_defaults=None,
+        # Its completion request's defaults in 0.3.36 (repeat_penalty 1.1, where llama-cpp-python in process
+        # has 1.0); lock also reads the running server's from /openapi.json, and every request sets them all.
+        sampler_defaults={
+            "temperature": 0.8,
+            "top_k": 40,
+            "top_p": 0.95,
+            "min_p": 0.05,
+            "typical_p": 1.0,
+            "repeat_penalty": 1.1,
+            "repeat_last_n": 64,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "mirostat": 0,
+            "mirostat_tau": 5.0,
+            "mirostat_eta": 0.1,
+            "seed": RANDOM_SEED,
+            "max_tokens": 16,
+            "stop": (),
+        },
         backend_defaults=None,
         capabilities=Capabilities(
             tokenize=True,
