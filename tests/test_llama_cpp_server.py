@@ -19,7 +19,7 @@ from stacklock.engines.llama_cpp_server import LlamaCppServerEngine
 from stacklock.model.lock import parse_lock
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
-from tests.servers import llama_cpp_python_server
+from tests.servers import Reply, llama_cpp_python_server, replay_server
 
 pytestmark = pytest.mark.engine
 
@@ -223,3 +223,30 @@ def test_openai_compatible_checks_only_the_output(server: str, tmp_path: Path, c
         "generation": "not-checked",
         "output": "pass",
     }
+
+
+def test_another_server_at_the_endpoint_is_one_line(tmp_path: Path, cli: Cli) -> None:
+    project = _project(tmp_path, "llama-cpp-python-server")
+    routes = {
+        "GET /openapi.json": Reply({"openapi": "3.1.0", "info": {"title": "vLLM API", "version": "0.11.0"}})
+    }
+    with replay_server(routes) as (url, _):
+        result = cli("lock", "--endpoint", url, cwd=project)
+    assert result.code == 3
+    assert "is another server ('vLLM API')" in result.err
+    assert sum(line.startswith("error:") for line in result.err.splitlines()) == 1
+
+
+def test_a_sampler_value_the_server_cannot_take_is_refused(
+    recorded: Path, server: str, tmp_path: Path, cli: Cli
+) -> None:
+    project = _project(tmp_path, "llama-cpp-python-server")
+    manifest = project / "llmstack.toml"
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8").replace("seed = 0\n", "seed = 0\ntypical-p = 0.9\n"),
+        encoding="utf-8",
+    )
+    assert cli("lock", "--endpoint", server, cwd=project).code == 0
+    result = cli("record", "--endpoint", server, cwd=project)
+    assert result.code == 3
+    assert "cannot be given sampler.typical_p = 0.9" in result.err
