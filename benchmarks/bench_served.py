@@ -196,7 +196,8 @@ def main() -> int:
             "\ncross-engine on Gemma: in-process llama-cpp-python 0.3.36 vs llama-server b11434 (-fa off --swa-full)"
         )
         _by_id(reference, mine)
-        for result in report.results:
+        chats = {pin.name for pin in mine.smoke if pin.kind == "chat"}
+        for result in (r for r in report.results if r.name in chats):
             [template] = [stage for stage in result.stages if stage.stage == "template"]
             print(
                 f"  {result.name:18} llama-server's own rendering (/apply-template): {template.status}: {template.detail}"
