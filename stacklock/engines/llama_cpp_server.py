@@ -162,7 +162,13 @@ class LlamaCppServerEngine:
         """What a request that sets nothing gets: the defaults of the server's completion request schema."""
         what = f"{ENGINE_NAME} /openapi.json"
         schema = field(what, self.openapi(), "components", "schemas", "CreateCompletionRequest", "properties")
-        found = {key: schema[name].get("default") for key, name in _SAMPLER_PARAMS.items() if name in schema}
+        if not isinstance(schema, dict):
+            raise EngineError(f"{what}: the completion request's properties are not a JSON object")
+        found = {
+            key: schema[name].get("default")
+            for key, name in _SAMPLER_PARAMS.items()
+            if isinstance(schema.get(name), dict)
+        }
         return found | _FIXED
 
     def capabilities(self) -> Capabilities:
