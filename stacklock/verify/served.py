@@ -97,13 +97,14 @@ def _from_text(
             hint="upgrade the package that provides the adapter",
         )
     generation: Generation = loaded.generate_from_text(
-        prompt.rendered,
+        _without_bos(prompt, lock),
         sampler=prompt.sampler,
         max_tokens=prompt.max_tokens,
         stop=prompt.sampler.stop or (),
         top_k_logprobs=top_k,
     )
-    if caps.tokenize:
+    # An engine that reports what it tokenized the prompt into is believed over a second tokenization.
+    if caps.tokenize and not generation.prompt_tokens:
         tokens = loaded.tokenize(prompt.rendered, add_bos=prompt.add_bos, parse_special=True)
         generation = generation.model_copy(update={"prompt_tokens": tokens})
     return Observation(
@@ -170,6 +171,16 @@ def _through_chat_path(
     )
 
 
+def _without_bos(prompt: RenderedSmoke, lock: Lock) -> str:
+    """The text to send an engine that takes text prompts: llama.cpp-based servers (llama-cpp-python's, LM
+    Studio) add the BOS their tokenizer wants to every text prompt, so a render that carries its BOS in its
+    text (add-bos = false) is sent without it, and the engine's own BOS takes its place instead of doubling."""
+    bos = lock.tokenizer.bos_text
+    if bos and not prompt.add_bos and lock.tokenizer.add_bos is not False and prompt.rendered.startswith(bos):
+        return prompt.rendered[len(bos) :]
+    return prompt.rendered
+
+
 def _with_bos(own: str, locked: str, lock: Lock) -> str:
     """llama.cpp strips a leading BOS from its render when its tokenizer adds one; put it back to compare."""
     bos = lock.tokenizer.bos_text
@@ -193,10 +204,11 @@ def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
     }
     if lock.engine.served is not None:
         expected |= {k: v for k, v in lock.engine.served.model.items() if k != "path"}
+    compared = [key for key, value in expected.items() if value is not None and model.get(key) is not None]
     wrong = [
-        f"{key} {model.get(key)!r} (locked {value!r})"
-        for key, value in expected.items()
-        if value is not None and model.get(key) is not None and model.get(key) != value
+        f"{key} {model.get(key)!r} (locked {expected[key]!r})"
+        for key in compared
+        if model.get(key) != expected[key]
     ]
     if wrong:
         return StageResult(
@@ -221,6 +233,6 @@ def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
     return StageResult(
         stage="artifacts",
         status="pass",
-        detail=f"the server's loaded model matches {lock.model.path} (vocabulary, parameters, context); "
+        detail=f"the server's loaded model matches {lock.model.path} ({', '.join(compared) or 'it tells nothing'}); "
         "its file hash is not checked (the server reads the file)",
     )
