@@ -42,6 +42,8 @@ source = "tiny.gguf"
 name = "ollama"
 version = ">=0.11"
 model = "{MODEL}"
+[backend]
+context-size = 256
 [sampler]
 temperature = 0.0
 top-k = 1
@@ -199,6 +201,10 @@ def test_verify_reproduces_and_names_the_stages_ollama_hides(recorded: Path, cli
     }
     assert "file sha256" in chat["artifacts"]["detail"]
     assert "does not report the token ids" in chat["tokenization"]["detail"]
+    assert any(
+        n.startswith("not checked (no ollama endpoint reports them): OLLAMA_FLASH_ATTENTION")
+        for n in report["notes"]
+    )
     generate = [body for key, body in replay.requests if key == "POST /api/generate"]
     chat_body = next(body for body in generate if "im_start" in body["prompt"])
     # The locked render without the BOS Ollama's tokenizer adds, bypassing Ollama's template.
@@ -211,6 +217,7 @@ def test_verify_reproduces_and_names_the_stages_ollama_hides(recorded: Path, cli
     assert options["seed"] == 0
     assert options["num_predict"] == 3
     assert options["top_k"] == 1
+    assert options["num_ctx"] == 256
     assert options["stop"] == []
     # What the lock leaves to the engine is not sent (not even as null): the pinned parameters apply.
     assert "min_p" not in options
@@ -323,3 +330,36 @@ def test_parameters_in_go_syntax() -> None:
         "top_p": 0.95,
         "use_mmap": False,
     }
+
+
+def test_lock_refuses_a_server_whose_blob_is_another_file(project: Path, cli: Cli) -> None:
+    with serving(Ollama(project / "tiny.gguf", digest="cd" * 32)) as (url, _):
+        result = cli("lock", "--endpoint", url, cwd=project)
+    assert result.code == ExitCode.BAD_INPUT, result.err
+    error = result.err.strip().splitlines()[-1]
+    assert error.startswith("error: model.source: tiny.gguf has sha256 ")
+    assert f"but the ollama server's model '{MODEL}' is the file with sha256 {'cd' * 32}" in error
+    assert not (project / "llmstack.lock").exists()
+
+
+@pytest.mark.parametrize(("version", "reason"), [("0.12.11", "stop-string"), ("0.11.4", "eos")])
+def test_a_stop_string_shows_in_the_pieces_past_the_text(
+    project: Path, cli: Cli, version: str, reason: str
+) -> None:
+    """Ollama says only "stop"; its logprobs (0.12.11 on) show the stop string it cut off."""
+
+    def stopped(body: Any) -> Reply:
+        steps = [{"token": t, "logprob": -0.5} for t in (" upon", " a", "<|im_end|>")]
+        answer = {"model": MODEL, "response": " upon a", "done": True, "done_reason": "stop"}
+        return Reply(answer | ({"logprobs": steps} if body.get("logprobs") else {}))
+
+    manifest = MANIFEST.replace("max-tokens = 3", 'max-tokens = 3\nstop = ["<|im_end|>"]')
+    (project / "llmstack.toml").write_text(manifest, encoding="utf-8")
+    with replay_server(Ollama(project / "tiny.gguf", version=version).routes()) as (url, replay):
+        replay.routes["POST /api/generate"] = stopped
+        for command in ("lock", "record"):
+            assert cli(command, "--endpoint", url, cwd=project).code == 0
+    lock = parse_lock((project / "llmstack.lock").read_text(encoding="utf-8"))
+    assert {pin.golden.stop_reason for pin in lock.smoke if pin.golden} == {reason}
+    sent = [body for key, body in replay.requests if key == "POST /api/generate"]
+    assert all(body["options"]["stop"] == ["<|im_end|>"] for body in sent)

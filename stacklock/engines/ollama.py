@@ -106,6 +106,18 @@ class OllamaEngine:
         ),
     )
 
+    #: What Ollama applies but no endpoint reports: server environment and runner options (pinned in the lock,
+    #: named in verify's notes).
+    unobservable: ClassVar[tuple[str, ...]] = (
+        "OLLAMA_FLASH_ATTENTION",
+        "OLLAMA_KV_CACHE_TYPE",
+        "OLLAMA_CONTEXT_LENGTH (num_ctx where the model sets none)",
+        "OLLAMA_NEW_ENGINE (versions that have it)",
+        "num_gpu",
+        "num_thread",
+        "num_batch",
+    )
+
     def __init__(self, settings: ServedSettings | None = None, *, client: httpx.Client | None = None) -> None:
         if settings is None:
             raise EngineError(
