@@ -45,7 +45,7 @@ from stacklock.engines.base import (
     StopReason,
 )
 from stacklock.engines.http import ServedClient, ServedSettings, field
-from stacklock.engines.llama_server import NOT_REPORTED, ServedModel
+from stacklock.engines.llama_server import SAMPLER_PARAMS, ServedModel, served_identity
 from stacklock.errors import EngineError, NotFoundError
 
 if TYPE_CHECKING:
@@ -65,23 +65,6 @@ LOGPROBS_SINCE = Version("0.12.11")
 _MAX_TOP_LOGPROBS = 20
 # The GGUF blob in the modelfile's FROM line: blobs/sha256-HEX (blobs/sha256:HEX before 0.1.x renamed them).
 _BLOB = re.compile(r"^FROM\s+\S*blobs[/\\]sha256[-:]([0-9a-f]{64})\s*$", re.MULTILINE)
-
-# The manifest's sampler keys and the names Ollama's options use for them.
-_OPTIONS = {
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "typical_p": "typical_p",
-    "repeat_penalty": "repeat_penalty",
-    "repeat_last_n": "repeat_last_n",
-    "frequency_penalty": "frequency_penalty",
-    "presence_penalty": "presence_penalty",
-    "mirostat": "mirostat",
-    "mirostat_tau": "mirostat_tau",
-    "mirostat_eta": "mirostat_eta",
-    "seed": "seed",
-}
 
 
 class OllamaEngine:
@@ -175,17 +158,7 @@ class OllamaEngine:
         return self._vocab
 
     def identity(self) -> EngineIdentity:
-        return EngineIdentity(
-            name=ENGINE_NAME,
-            version=self.version(),
-            build=None,
-            ggml_version=NOT_REPORTED,
-            backend=NOT_REPORTED,
-            system_info=NOT_REPORTED,
-            python=NOT_REPORTED,
-            platform=NOT_REPORTED,
-            cpu=NOT_REPORTED,
-        )
+        return served_identity(ENGINE_NAME, self.version(), None)
 
     def served_model(self) -> ServedModel:
         """The model as /api/show describes it: its GGUF blob's sha256 and its GGUF metadata."""
@@ -213,7 +186,7 @@ class OllamaEngine:
     def sampler_defaults(self) -> dict[str, Any]:
         """The model's parameters: what a request that sets nothing gets on top of Ollama's built-ins."""
         parameters = parse_parameters(str(self.show().get("parameters") or ""))
-        names = {name: key for key, name in _OPTIONS.items()}
+        names = {name: key for key, name in SAMPLER_PARAMS.items()}
         return {names.get(name, name): value for name, value in parameters.items()}
 
     def capabilities(self) -> Capabilities:
@@ -319,7 +292,9 @@ class OllamaModel:
     ) -> Generation:
         """``/api/generate`` with ``raw: true`` from the locked render, every option set explicitly."""
         options: dict[str, Any] = {
-            name: getattr(sampler, key) for key, name in _OPTIONS.items() if getattr(sampler, key) is not None
+            name: getattr(sampler, key)
+            for key, name in SAMPLER_PARAMS.items()
+            if getattr(sampler, key) is not None
         }
         options.setdefault("seed", 0)
         options.update(num_predict=max_tokens, stop=list(stop))
