@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from stacklock.errors import EngineError
+from stacklock.errors import EngineError, NotFoundError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -115,7 +115,9 @@ class ServedClient:
             )
             raise EngineError(f"{what} was refused with HTTP {status}", hint=hint)
         if status >= 400:
-            raise EngineError(
+            # A 404 is its own class, so an adapter can name what is missing (Ollama: a model not pulled).
+            error = NotFoundError if status == 404 else EngineError
+            raise error(
                 f"{what} answered HTTP {status}: {_quote(response.text)}",
                 hint="check the server's log; a model that is not loaded answers 503 or 404",
             )

@@ -35,12 +35,34 @@ if TYPE_CHECKING:
 
     import httpx
 
-__all__ = ["ENGINE_NAME", "LlamaServerEngine", "LlamaServerModel", "ServedModel"]
+__all__ = [
+    "ENGINE_NAME",
+    "SAMPLER_PARAMS",
+    "LlamaServerEngine",
+    "LlamaServerModel",
+    "ServedModel",
+    "served_identity",
+]
 
 ENGINE_NAME = "llama-server"
 NOT_REPORTED = "not reported over HTTP"
 _BUILD = re.compile(r"b(\d+)")
 _STOP_REASONS: dict[str, StopReason] = {"eos": "eos", "word": "stop-string", "limit": "max-tokens"}
+
+
+def served_identity(name: str, version: str, build: str | None) -> EngineIdentity:
+    """A served engine's identity: its name, version and build; the machine it runs on no endpoint reports."""
+    return EngineIdentity(
+        name=name,
+        version=version,
+        build=build,
+        ggml_version=NOT_REPORTED,
+        backend=NOT_REPORTED,
+        system_info=NOT_REPORTED,
+        python=NOT_REPORTED,
+        platform=NOT_REPORTED,
+        cpu=NOT_REPORTED,
+    )
 
 
 class ServedModel(dict[str, Any]):
@@ -99,17 +121,7 @@ class LlamaServerEngine:
     def identity(self) -> EngineIdentity:
         build_info = str(field(f"{ENGINE_NAME} /props", self.props(), "build_info"))
         match = _BUILD.match(build_info)
-        return EngineIdentity(
-            name=ENGINE_NAME,
-            version=f"b{match.group(1)}" if match else build_info,
-            build=build_info,
-            ggml_version=NOT_REPORTED,
-            backend=NOT_REPORTED,
-            system_info=NOT_REPORTED,
-            python=NOT_REPORTED,
-            platform=NOT_REPORTED,
-            cpu=NOT_REPORTED,
-        )
+        return served_identity(ENGINE_NAME, f"b{match.group(1)}" if match else build_info, build_info)
 
     def served_model(self) -> ServedModel:
         """The model the server has loaded, as far as its endpoints tell."""
@@ -134,7 +146,7 @@ class LlamaServerEngine:
     def sampler_defaults(self) -> dict[str, Any]:
         """What a request that sets nothing gets: the server's default generation settings."""
         params = field(f"{ENGINE_NAME} /props", self.props(), "default_generation_settings", "params")
-        return {key: params[name] for key, name in _SAMPLER_PARAMS.items() if name in params}
+        return {key: params[name] for key, name in SAMPLER_PARAMS.items() if name in params}
 
     def capabilities(self) -> Capabilities:
         """What this server lets stacklock observe (the class's declaration)."""
@@ -146,8 +158,8 @@ class LlamaServerEngine:
         return LlamaServerModel(self)
 
 
-# The manifest's sampler keys and the names /props and /completion use for them.
-_SAMPLER_PARAMS = {
+#: The manifest's sampler keys and the names /props and /completion (and Ollama's options) use for them.
+SAMPLER_PARAMS = {
     "temperature": "temperature",
     "top_k": "top_k",
     "top_p": "top_p",
@@ -196,7 +208,7 @@ class LlamaServerModel:
         stop: Sequence[str],
         top_k_logprobs: int = 5,
     ) -> Generation:
-        request: dict[str, Any] = {name: getattr(sampler, key) for key, name in _SAMPLER_PARAMS.items()}
+        request: dict[str, Any] = {name: getattr(sampler, key) for key, name in SAMPLER_PARAMS.items()}
         if request["seed"] is None:
             request["seed"] = 0
         request.update(

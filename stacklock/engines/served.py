@@ -57,7 +57,8 @@ class TextPrompts(Protocol):
     ) -> Generation: ...
 
 
-#: Backend options a served engine applies but no endpoint reports.
+#: Backend options a served engine applies but no endpoint reports (llama-server's; an adapter whose server
+#: has others declares its own as an ``unobservable`` class attribute).
 UNOBSERVABLE = (
     "backend.flash-attention",
     "backend.cache-type-k",
@@ -157,5 +158,5 @@ def served_pin(engine: ServedEngine) -> ServedPin:
         model={k: v for k, v in engine.served_model().items() if v is not None},
         chat_template_sha256=None if template is None else sha256_text(template),
         sampler_defaults={k: v for k, v in engine.sampler_defaults().items() if v is not None},
-        unobservable=UNOBSERVABLE,
+        unobservable=getattr(engine, "unobservable", UNOBSERVABLE),
     )

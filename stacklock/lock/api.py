@@ -69,7 +69,17 @@ def lock_stack(
     if served is None:
         return lock
     # What the server says about itself (its build, loaded model and defaults) is pinned beside the manifest's.
-    return lock.model_copy(update={"engine": lock.engine.model_copy(update={"served": served_pin(served)})})
+    pin = served_pin(served)
+    served_sha256 = pin.model.get("sha256")
+    if served_sha256 is not None and served_sha256 != lock.model.sha256:
+        # A server that names its model file's hash (Ollama) serves another file than the one locked: the
+        # template and tokenizer locked from the manifest's file would not be the server's.
+        raise ManifestError(
+            f"model.source: {lock.model.path} has sha256 {lock.model.sha256}, but the {spec.name} server's "
+            f"model{f' {spec.model!r}' if spec.model else ''} is the file with sha256 {served_sha256}",
+            hint="point model.source at the file the server serves, or the server (engine.model) at this one",
+        )
+    return lock.model_copy(update={"engine": lock.engine.model_copy(update={"served": pin})})
 
 
 def merge_goldens(new: Lock, previous: Lock | None) -> Lock:

@@ -167,10 +167,10 @@ class ServedPin(Model):
     chat_template_sha256: str | None = Field(
         default=None, description="sha256 of the chat template the server renders with, when it reports one."
     )
-    sampler_defaults: dict[str, float | int | None] = Field(
+    sampler_defaults: dict[str, bool | int | float | str | tuple[str, ...] | None] = Field(
         default_factory=dict,
-        description="What a request that sets nothing gets from the server (origin server-default); "
-        "stacklock sets every sampler value on every request.",
+        description="What a request that sets nothing gets from the server (origin server-default), e.g. "
+        "Ollama's model parameters (stop strings, num_ctx); stacklock sets every sampler value on every request.",
     )
     unobservable: tuple[str, ...] = Field(
         default=(),

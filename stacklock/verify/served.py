@@ -218,12 +218,14 @@ def _with_bos(own: str, locked: str, lock: Lock) -> str:
 def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
     """The artifacts stage of a served stack: the model the server has loaded, and its defaults, against the lock.
 
-    The server, not stacklock, reads the model file, so its hash cannot be checked here; what the server says
-    about the model (vocabulary size, parameter count, trained context) must match the locked GGUF header, and
-    everything it said at lock time (its loaded model, its default sampler settings) must still hold.
+    The server, not stacklock, reads the model file: a server that names the file's sha256 (Ollama stores the
+    GGUF by it) must name the locked one; what any server says about the model (vocabulary size, parameter
+    count, trained context) must match the locked GGUF header, and everything it said at lock time (its loaded
+    model, its default sampler settings) must still hold.
     """
     model = engine.served_model()
     expected: dict[str, Any] = {
+        "sha256": lock.model.sha256,
         "vocab-size": lock.tokenizer.vocab_size,
         "parameter-count": lock.model.parameter_count,
         "context-length": lock.model.context_length,
@@ -244,10 +246,17 @@ def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
         )
     if lock.engine.served is not None:
         defaults = engine.sampler_defaults()
+        locked = lock.engine.served.sampler_defaults
         changed = [
             f"{key} {defaults.get(key)!r} (locked {value!r})"
-            for key, value in lock.engine.served.sampler_defaults.items()
-            if defaults.get(key) != value
+            for key, value in locked.items()
+            if _as_locked(defaults.get(key)) != value
+        ]
+        # A default the server did not set when the stack was locked (an Ollama parameter added since).
+        changed += [
+            f"{key} {value!r} (not set when locked)"
+            for key, value in defaults.items()
+            if key not in locked and value is not None
         ]
         if changed:
             return StageResult(
@@ -256,9 +265,15 @@ def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
                 detail="the server's default sampler settings changed (a client that sets nothing gets "
                 f"them): {', '.join(changed)}",
             )
+    hashed = model.get("sha256") is not None
     return StageResult(
         stage="artifacts",
         status="pass",
-        detail=f"the server's loaded model matches {lock.model.path} ({', '.join(compared) or 'it tells nothing'}); "
-        "its file hash is not checked (the server reads the file)",
+        detail=f"the server's loaded model matches {lock.model.path} ({', '.join(compared) or 'it tells nothing'})"
+        + ("" if hashed else "; its file hash is not checked (the server reads the file)"),
     )
+
+
+def _as_locked(value: Any) -> Any:
+    """A default as the lock holds it: lists (Ollama's stop strings) as tuples."""
+    return tuple(value) if isinstance(value, list) else value
