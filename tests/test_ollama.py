@@ -199,7 +199,7 @@ def test_verify_reproduces_and_names_the_stages_ollama_hides(recorded: Path, cli
         "generation": "not-checked",
         "output": "pass",
     }
-    assert "file sha256" in chat["artifacts"]["detail"]
+    assert "(sha256, vocab-size" in chat["artifacts"]["detail"]
     assert "does not report the token ids" in chat["tokenization"]["detail"]
     assert any(
         n.startswith("not checked (no ollama endpoint reports them): OLLAMA_FLASH_ATTENTION")
