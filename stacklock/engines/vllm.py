@@ -49,12 +49,12 @@ __all__ = ["ENGINE_NAME", "UNOBSERVABLE", "VllmEngine", "VllmModel"]
 
 ENGINE_NAME = "vllm"
 NOT_REPORTED = "not reported over HTTP"
-_TOKEN_ID = "token_id:"
+_TOKEN_ID = "token_id:"  # noqa: S105 - the prefix of a token written as its id, not a secret
 
 #: What a vLLM server applies but no endpoint reports; the lock lists them, verify names them as not checked.
 UNOBSERVABLE = (
-    "the model's generation_config.json defaults (vllm serve --generation-config; they fill every sampler value "
-    "the lock leaves unknown)",
+    # vLLM fills every sampler value a request leaves unset from them (the values the lock leaves unknown).
+    "the model's generation_config.json defaults (--generation-config)",
     "--dtype",
     "--quantization",
     "--kv-cache-dtype",
