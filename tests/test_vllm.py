@@ -258,8 +258,6 @@ def test_verify_reproduces_through_the_servers_own_chat_path(recorded: Path, cli
     chats = [body for key, body in replay.requests if key == "POST /tokenize" and "messages" in body]
     assert chats[0]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert chats[0]["add_generation_prompt"] is True
-    text = cli("verify", "--endpoint", "http://127.0.0.1:9", cwd=recorded)
-    assert text.code == ExitCode.UNAVAILABLE
 
 
 def test_another_chat_render_fails_at_the_template_stage(recorded: Path, cli: Cli) -> None:
@@ -292,8 +290,6 @@ def test_other_completion_tokens_fail_at_the_generation_stage_with_the_top_k(
     detail = _stages(result)["raw"]["generation"]["detail"]
     assert detail.startswith("token 1 differs: recorded 380 'P', now 366 'B'"), detail
     assert "alternatives now: 'B' -0.2500, 'C' -1.0000" in detail
-    text = cli("verify", "--endpoint", "http://127.0.0.1:9", cwd=recorded)
-    assert text.code == ExitCode.UNAVAILABLE
 
 
 def test_a_server_of_another_version_is_refused(recorded: Path, cli: Cli) -> None:
