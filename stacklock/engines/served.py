@@ -74,8 +74,11 @@ def is_served(engine_name: str) -> bool:
     return info is not None and info.capabilities.served
 
 
-def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None) -> ServedEngine:
-    """The served engine's adapter, pointed at its endpoint (``--endpoint`` wins over the manifest's).
+def open_served(
+    engine_name: str, endpoint: str | None, api_key_env: str | None, model: str | None = None
+) -> ServedEngine:
+    """The served engine's adapter, pointed at its endpoint (``--endpoint`` wins over the manifest's) and, for
+    an engine that serves several models, at the one named ``model`` (``engine.model``).
 
     ``STACKLOCK_TIMEOUT`` sets the seconds one request may take (default 120): never unbounded.
     """
@@ -96,7 +99,7 @@ def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None)
         raise EngineError(
             f"STACKLOCK_TIMEOUT={raw!r} is not a number of seconds", hint="e.g. STACKLOCK_TIMEOUT=300"
         )
-    settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env, timeout=timeout)
+    settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env, timeout=timeout, model=model)
     # A served adapter is constructed with its endpoint settings, which the Engine protocol does not declare.
     cls: Any = adapter_class(engine_name)
     engine = cls(settings)
@@ -109,7 +112,12 @@ def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None)
 
 
 def served_engine(
-    name: str, endpoint: str | None, api_key_env: str | None, *, override: str | None = None
+    name: str,
+    endpoint: str | None,
+    api_key_env: str | None,
+    *,
+    override: str | None = None,
+    model: str | None = None,
 ) -> ServedEngine | None:
     """The served engine ``name`` at ``override`` (``--endpoint``) or ``endpoint``; None for an engine that
     runs in process (where ``--endpoint`` is a usage error)."""
@@ -120,7 +128,7 @@ def served_engine(
                 hint="drop --endpoint, or set engine.name to a served engine (llama-server, ollama, vllm...)",
             )
         return None
-    return open_served(name, override or endpoint, api_key_env)
+    return open_served(name, override or endpoint, api_key_env, model)
 
 
 def check_served_version(pin: EnginePin, served: ServedEngine) -> None:

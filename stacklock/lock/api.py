@@ -35,7 +35,7 @@ def lock_stack(
         manifest_path, use_cache=use_cache, reporter=reporter, offline=offline, revisions=revisions
     )
     spec = inputs.manifest.engine
-    served = served_engine(spec.name, spec.endpoint, spec.api_key_env, override=endpoint)
+    served = served_engine(spec.name, spec.endpoint, spec.api_key_env, override=endpoint, model=spec.model)
     if served is not None:
         # The server's own build or version is what the stack runs; resolution checks it against the manifest.
         inputs = replace(inputs, installed_engine_version=served.identity().version)

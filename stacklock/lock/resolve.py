@@ -256,6 +256,7 @@ def _engine_pin(
             build_exact=True,
             endpoint=spec.endpoint,
             api_key_env=spec.api_key_env,
+            model=spec.model,
         )
     if installed is not None:
         if requirement and not SpecifierSet(requirement).contains(installed, prereleases=True):
@@ -277,7 +278,7 @@ def _engine_pin(
         if info is not None and info.build_scheme == "none"
         else vendored_build(spec.name, version, tables)
     )
-    where = {"endpoint": spec.endpoint, "api_key_env": spec.api_key_env}
+    where = {"endpoint": spec.endpoint, "api_key_env": spec.api_key_env, "model": spec.model}
     if vendored is None:
         return EnginePin(name=spec.name, requirement=requirement, version=version, **where)
     return EnginePin(

@@ -272,7 +272,8 @@ def record(
 
 def _served(lock: Lock, endpoint: str | None) -> ServedEngine | None:
     """The served engine the lock names, checked to run the locked build; None for an in-process engine."""
-    served = served_engine(lock.engine.name, lock.engine.endpoint, lock.engine.api_key_env, override=endpoint)
+    pin = lock.engine
+    served = served_engine(pin.name, pin.endpoint, pin.api_key_env, override=endpoint, model=pin.model)
     if served is not None:
         check_served_version(lock.engine, served)
     return served
