@@ -360,6 +360,47 @@ def test_faults_are_one_line_and_exit_3(recorded: Path, cli: Cli, reply: Reply, 
     assert attempts == (4 if reply.reset else 1)
 
 
+def test_engine_model_names_the_served_model_among_several(project: Path, cli: Cli) -> None:
+    fake = FakeVllm(model_id="tiny-chat")
+    models = fake.models()
+    # Two names for the base model (--served-model-name a b) and a LoRA adapter on it.
+    other = {**models["data"][0], "id": "tiny-base"}
+    lora = {**models["data"][0], "id": "tiny-lora", "root": "/adapters/lora", "parent": "tiny-chat"}
+    served = {"object": "list", "data": [other, models["data"][0], lora]}
+    routes: dict[str, Any] = {**fake.routes(), "GET /v1/models": Reply(served)}
+    with replay_server(routes) as (url, replay):
+        unnamed = cli("lock", "--endpoint", url, cwd=project)
+        manifest = (project / "llmstack.toml").read_text(encoding="utf-8")
+        (project / "llmstack.toml").write_text(
+            manifest.replace('name = "vllm"\n', 'name = "vllm"\nmodel = "tiny-chat"\n'), encoding="utf-8"
+        )
+        named = [cli(command, "--endpoint", url, cwd=project) for command in ("lock", "record", "verify")]
+    assert unnamed.code == ExitCode.UNAVAILABLE
+    assert unnamed.err.strip().splitlines()[-1] == (
+        f"error: vllm at {url} serves 2 base models ('tiny-base', 'tiny-chat', 'tiny-lora'): stacklock cannot "
+        "tell which one the stack is; name it in engine.model (its --served-model-name)"
+    )
+    assert [r.code for r in named] == [0, 0, 0], named[-1].err
+    lock = parse_lock((project / "llmstack.lock").read_text(encoding="utf-8"))
+    assert lock.engine.model == "tiny-chat"
+    assert lock.engine.served is not None
+    assert lock.engine.served.model["id"] == "tiny-chat"
+    sent = [body["model"] for key, body in replay.requests if key.startswith("POST ")]
+    assert set(sent) == {"tiny-chat"}
+
+
+def test_a_named_model_the_server_does_not_serve_is_one_line(project: Path, cli: Cli) -> None:
+    manifest = MANIFEST.replace('name = "vllm"\n', 'name = "vllm"\nmodel = "gemma-3-270m-it"\n')
+    (project / "llmstack.toml").write_text(manifest, encoding="utf-8")
+    with replay_server(FakeVllm().routes()) as (url, _):
+        result = cli("lock", "--endpoint", url, cwd=project)
+    assert result.code == ExitCode.UNAVAILABLE
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: vllm at {url} does not serve the model 'gemma-3-270m-it' (it serves 'tiny'); set engine.model "
+        "to the server's --served-model-name, or start the server with it"
+    )
+
+
 def _engine(url: str) -> VllmEngine:
     return VllmEngine(ServedSettings(endpoint=url, retries=0))
 

@@ -95,7 +95,8 @@ class VllmEngine:
                 hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
             )
         self._http = ServedClient(ENGINE_NAME, settings, client)
-        self._wanted: str | None = None
+        # engine.model: vLLM's --served-model-name; None: the one base model the server serves.
+        self._wanted = settings.model
         self._version: str | None = None
         self._card: dict[str, Any] | None = None
 
