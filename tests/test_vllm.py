@@ -25,6 +25,7 @@ from stacklock.errors import EngineError, ExitCode
 from stacklock.model.lock import parse_lock
 from tests.conftest import CHATML, Result
 from tests.servers import Replay, Reply, replay_server
+from tests.test_served_faults import Greedy
 
 Cli = Callable[..., Result]
 
@@ -436,13 +437,13 @@ def _every_call(engine: VllmEngine) -> None:
     engine.identity()
     loaded = engine.load(Path("unused"), None)  # type: ignore[arg-type]
     loaded.tokenize("hi", add_bos=True, parse_special=True)
-    loaded.generate([1, 2], sampler=_Greedy(), max_tokens=1, stop=[])
+    loaded.generate([1, 2], sampler=Greedy(), max_tokens=1, stop=[])
 
 
 def test_the_top_k_are_the_k_most_likely_with_the_chosen_token_listed_first() -> None:
     with replay_server(FakeVllm().routes()) as (url, _):
         loaded = _engine(url).load(Path("unused"), None)  # type: ignore[arg-type]
-        generation = loaded.generate([1, 400], sampler=_Greedy(), max_tokens=3, stop=[], top_k_logprobs=2)
+        generation = loaded.generate([1, 400], sampler=Greedy(), max_tokens=3, stop=[], top_k_logprobs=2)
     first = _CHAR + ord(" ")
     assert generation.tokens == (first, _CHAR + ord("P"), _CHAR + ord("a"))
     # The replay lists the chosen token (-0.25) then two others: the two most likely are kept, in order.
@@ -450,23 +451,6 @@ def test_the_top_k_are_the_k_most_likely_with_the_chosen_token_listed_first() ->
     assert generation.pieces == (" ", "P", "a")
     assert generation.stop_reason == "max-tokens"
     assert generation.text == " Pa"
-
-
-@dataclass(frozen=True)
-class _Greedy:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    seed: int | None = None
 
 
 @pytest.mark.parametrize(
@@ -481,11 +465,12 @@ def test_a_sampler_vllm_does_not_have_is_refused(change: dict[str, Any], message
     with replay_server(FakeVllm().routes()) as (url, replay):
         loaded = _engine(url).load(Path("unused"), None)  # type: ignore[arg-type]
         with pytest.raises(EngineError, match=message):
-            loaded.generate([1], sampler=replace(_Greedy(), **change), max_tokens=1, stop=[])
+            loaded.generate([1], sampler=replace(Greedy(), **change), max_tokens=1, stop=[])
     assert not any(key == "POST /v1/completions" for key, _ in replay.requests)
     sent = {}
     with replay_server(FakeVllm().routes()) as (url, replay):
-        _engine(url).load(Path("unused"), None).generate([1], sampler=_Greedy(), max_tokens=1, stop=[])  # type: ignore[arg-type]
+        unlimited = replace(Greedy(), top_k=0)
+        _engine(url).load(Path("unused"), None).generate([1], sampler=unlimited, max_tokens=1, stop=[])  # type: ignore[arg-type]
         sent = dict(replay.requests)["POST /v1/completions"]
     # llama.cpp's top_k 0 (no limit) is vLLM's -1; a seed the lock leaves unset is 0, never the server's.
     assert sent["top_k"] == -1
