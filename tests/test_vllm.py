@@ -217,6 +217,11 @@ def test_the_lock_pins_the_version_the_model_and_what_cannot_be_observed(recorde
     assert served.sampler_defaults == {}
     assert served.unobservable == UNOBSERVABLE
     assert any("generation_config.json" in item for item in served.unobservable)
+    # What vLLM's request itself defaults to is known; what its generation config sets is not.
+    assert lock.sampler.frequency_penalty == 0.0
+    assert lock.sampler.origin["frequency-penalty"] == "engine-default"
+    assert lock.sampler.repeat_penalty is None
+    assert lock.sampler.origin["repeat-penalty"] == "unknown"
     assert all(pin.golden is not None for pin in lock.smoke)
     assert lock.recording is not None
     assert lock.recording.engine["name"] == "vllm"
@@ -234,13 +239,16 @@ def test_record_sends_token_id_prompts_with_every_sampler_value(project: Path, c
     assert sent["return_tokens_as_token_ids"] is True
     assert sent["logprobs"] == 5
     assert sent["model"] == "tiny"
-    assert {k: sent[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed")} == {
+    assert {k: sent[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "frequency_penalty")} == {
         "temperature": 0.0,
         "top_k": 40,
         "top_p": 0.95,
         "min_p": 0.05,
         "seed": 7,
+        "frequency_penalty": 0.0,
     }
+    # A value the lock leaves unknown is left to the server's generation config (listed as unobservable).
+    assert "repetition_penalty" not in sent
     # The raw prompt is tokenized by the server with BOS, as the lock says; the chat's render starts no BOS.
     tokenized = [body for key, body in replay.requests if key == "POST /tokenize"]
     assert {"model": "tiny", "prompt": "Once upon a time", "add_special_tokens": True} in tokenized

@@ -75,8 +75,18 @@ class VllmEngine:
         # The server's version is asked over HTTP; a vllm installed beside stacklock is not the one serving.
         distribution=None,
         build_scheme="none",
-        # vLLM's defaults come from the served model's generation_config.json, which no endpoint reports.
-        sampler_defaults=None,
+        # What vLLM's completion request itself defaults to. temperature, top-k, top-p, min-p, the repetition
+        # penalty and max-tokens come from the served model's generation_config.json (vLLM's get_diff_sampling_param),
+        # which no endpoint reports: they stay unknown. vLLM has no mirostat or typical sampler, and penalizes
+        # repetition over the whole context (-1 in llama.cpp's terms).
+        sampler_defaults={
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "stop": [],
+            "mirostat": 0,
+            "typical_p": 1.0,
+            "repeat_last_n": -1,
+        },
         backend_defaults=None,
         capabilities=Capabilities(
             tokenize=True,
