@@ -432,8 +432,9 @@ _NOT_TOKEN_IDS = {
         ("POST /tokenize", Reply({"tokens": ["a"]}), r"/tokenize: the answer's \['tokens'\] is not a list"),
         ("GET /v1/models", Reply({"object": "list", "data": []}), r"serves 0 base models \(none\)"),
         ("GET /version", Reply({"ver": "1"}), r"/version: the answer has no \['version'\]"),
+        ("GET /version", Reply({"version": "nightly"}), r"/version reports 'nightly', not a PEP 440 version"),
     ],
-    ids=["completion-tokens-as-text", "tokens-not-ids", "no-model", "no-version"],
+    ids=["completion-tokens-as-text", "tokens-not-ids", "no-model", "no-version", "not-pep-440"],
 )
 def test_answers_of_another_shape_are_one_line(route: str, reply: Reply, message: str) -> None:
     routes: dict[str, Any] = {**FakeVllm().routes(), route: reply}

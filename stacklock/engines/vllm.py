@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from packaging.version import InvalidVersion, Version
+
 from stacklock.engines.base import (
     AdapterInfo,
     BackendSettings,
@@ -117,7 +119,15 @@ class VllmEngine:
     def version(self) -> str:
         """``/version``, asked once."""
         if self._version is None:
-            self._version = str(field(f"{ENGINE_NAME} /version", self._http.get("/version"), "version"))
+            reported = field(f"{ENGINE_NAME} /version", self._http.get("/version"), "version")
+            try:
+                # PEP 440: the manifest's requirement is checked against it.
+                self._version = str(Version(str(reported)))
+            except InvalidVersion:
+                raise EngineError(
+                    f"{ENGINE_NAME} at {self._http.endpoint}: /version reports {reported!r}, not a PEP 440 version",
+                    hint="check that the endpoint is a vLLM server",
+                ) from None
         return self._version
 
     def card(self) -> dict[str, Any]:
@@ -173,11 +183,15 @@ class VllmEngine:
         the server runs with are pinned and must still hold.
         """
         card = self.card()
-        return {
-            "id": self.model_id,
+        described = {
             "root": card.get("root"),
             "parent": card.get("parent"),
             "context-size": card.get("max_model_len"),
+        }
+        # The lock holds scalars; a value of another type is one this server version does not describe so.
+        return {"id": self.model_id} | {
+            key: value if isinstance(value, str | int) and not isinstance(value, bool) else None
+            for key, value in described.items()
         }
 
     def chat_template(self) -> str | None:
