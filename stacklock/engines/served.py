@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UNOBSERVABLE",
+    "UNVERIFIED",
     "ServedEngine",
     "check_served_version",
     "is_served",
@@ -66,6 +67,11 @@ UNOBSERVABLE = (
     "backend.batch-size",
     "the server's --swa-full",
 )
+
+
+#: The version of a served engine that reports none (an OpenAI-compatible server): the manifest's exact pin
+#: stands for it, and no request can confirm it.
+UNVERIFIED = "unverified"
 
 
 def is_served(engine_name: str) -> bool:
@@ -134,7 +140,7 @@ def served_engine(
 def check_served_version(pin: EnginePin, served: ServedEngine) -> None:
     """The served engine must run the locked build or version."""
     version = served.identity().version
-    if version != pin.version:
+    if version not in {pin.version, UNVERIFIED}:
         raise EngineError(
             f"the {pin.name} at the endpoint runs {version}, not the locked {pin.version}",
             hint="point --endpoint at a server of the locked build, or re-lock and re-record against this one",

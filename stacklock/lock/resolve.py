@@ -276,7 +276,7 @@ def _engine_pin(
     vendored = (
         None
         if info is not None and info.build_scheme == "none"
-        else vendored_build(spec.name, version, tables)
+        else vendored_build((info.builds_of if info else None) or spec.name, version, tables)
     )
     where = {"endpoint": spec.endpoint, "api_key_env": spec.api_key_env, "model": spec.model}
     if vendored is None:

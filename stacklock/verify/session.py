@@ -236,7 +236,8 @@ def record_lock(
         model_path = _require_model(lock, base)
         run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
     else:
-        run = run_served(lock, served, prompts, top_k=top_k, from_golden=False)
+        with run_served(lock, served, prompts, top_k=top_k, from_golden=False) as run:
+            pass
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
         for pin in lock.smoke
@@ -416,9 +417,9 @@ def _verify_served(lock: Lock, served: ServedEngine, tolerance: Tolerance | None
         return build_report(results, engine=served.identity(), recorded_engine=None, tolerance=tolerance)
     prompts, broken = _rendered(lock)
     top_k = lock.recording.top_k if lock.recording else 5
-    run = run_served(lock, served, prompts, top_k=top_k, from_golden=True)
     hidden = unobservable_stages(lock.engine.name, served.capabilities())
-    report = _compare(lock, run, broken, artifacts, None, tolerance, hidden=hidden)
+    with run_served(lock, served, prompts, top_k=top_k, from_golden=True) as run:
+        report = _compare(lock, run, broken, artifacts, None, tolerance, hidden=hidden)
     notes = list(report.notes)
     if lock.engine.served is not None and lock.engine.served.unobservable:
         notes.append(
