@@ -5,7 +5,8 @@ need it are skipped when it is absent, except in CI (``CI`` set), where its abse
 
 The replay server answers each path with a canned response of the shape an engine documents (for engines
 that cannot run here: Ollama, LM Studio, vLLM without a GPU) or with a fault (a status, a delay, a body that
-is not JSON), so the adapters' request and response handling is tested over real HTTP.
+is not JSON, a connection reset mid-response), so the adapters' request and response handling is tested over
+real HTTP.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -100,12 +102,15 @@ def _serving(command: list[str], url: str, ready: str, log: Path) -> Iterator[st
 
 @dataclass
 class Reply:
-    """One canned answer: a JSON body (or raw bytes), a status, and an optional delay before answering."""
+    """One canned answer: a JSON body (or raw bytes), a status, and an optional delay before answering; with
+    ``reset``, the server sends the headers and half the body, then resets the connection (a crashed worker,
+    a proxy dropping it)."""
 
     body: Any = None
     status: int = 200
     delay: float = 0.0
     raw: bytes | None = None
+    reset: bool = False
 
 
 @dataclass
@@ -147,6 +152,13 @@ def replay_server(
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
+                if reply.reset:
+                    self.wfile.write(payload[: len(payload) // 2])
+                    # Linger 0: closing sends a TCP reset instead of an orderly end of the stream.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):
                 pass

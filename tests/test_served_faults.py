@@ -234,3 +234,20 @@ def test_a_bad_timeout_setting_is_one_line(
         result.err.splitlines()[-1]
         == "error: STACKLOCK_TIMEOUT='soon' is not a number of seconds; e.g. STACKLOCK_TIMEOUT=300"
     )
+
+
+def test_a_connection_reset_mid_response_is_retried_then_one_line(tiny_project: Path, cli: Cli) -> None:
+    (tiny_project / "llmstack.toml").write_text(
+        '[stack]\nname = "tiny"\n[model]\nsource = "tiny.gguf"\n[engine]\nname = "llama-server"\n'
+        'version = "==b11434"\nendpoint = "http://127.0.0.1:9"\n',
+        encoding="utf-8",
+    )
+    routes = {"GET /health": Reply({"status": "ok"}), "GET /props": Reply(PROPS, reset=True)}
+    with replay_server(routes) as (url, replay):
+        result = cli("lock", "--endpoint", url, cwd=tiny_project)
+    assert result.code == ExitCode.UNAVAILABLE, result.err
+    error = result.err.strip().splitlines()[-1]
+    assert error.startswith(f"error: llama-server at {url}: GET /props failed: "), error
+    assert "Traceback" not in result.err
+    # Dropped connections are retried (3 times by default) before the one line.
+    assert [key for key, _ in replay.requests].count("GET /props") == 4

@@ -158,5 +158,6 @@ def served_pin(engine: ServedEngine) -> ServedPin:
         model={k: v for k, v in engine.served_model().items() if v is not None},
         chat_template_sha256=None if template is None else sha256_text(template),
         sampler_defaults={k: v for k, v in engine.sampler_defaults().items() if v is not None},
-        unobservable=getattr(engine, "unobservable", UNOBSERVABLE),
+        # An adapter may name what its engine hides (vLLM's are not llama.cpp's); llama.cpp's list otherwise.
+        unobservable=tuple(getattr(engine, "unobservable", UNOBSERVABLE)),
     )
