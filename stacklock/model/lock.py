@@ -161,6 +161,28 @@ class UpstreamTokenizerPin(Model):
     differences: tuple[str, ...] = Field(default=(), description="How the GGUF's tokenizer differs from it.")
 
 
+class ServedPin(Model):
+    """A served engine as it answered ``stacklock lock``: its build, its loaded model and its defaults."""
+
+    build: str = Field(description="The build the server reports (llama-server: build_info).")
+    model: dict[str, str | int | float | None] = Field(
+        description="The loaded model as the server describes it (path, vocab-size, parameter-count...)."
+    )
+    chat_template_sha256: str | None = Field(
+        default=None, description="sha256 of the chat template the server renders with, when it reports one."
+    )
+    sampler_defaults: dict[str, bool | int | float | str | tuple[str, ...] | None] = Field(
+        default_factory=dict,
+        description="What a request that sets nothing gets from the server (origin server-default), e.g. "
+        "Ollama's model parameters (stop strings, num_ctx); stacklock sets every sampler value on every request.",
+    )
+    unobservable: tuple[str, ...] = Field(
+        default=(),
+        description="Settings no endpoint reports (backend options the server was started with): pin them "
+        "where the server is started.",
+    )
+
+
 class EnginePin(Model):
     name: str = Field(description="The engine.")
     requirement: str = Field(description="The version requirement from the manifest.")
@@ -179,6 +201,16 @@ class EnginePin(Model):
         default=None,
         description="The llama.cpp commit the engine vendors, from the registry's table; record and verify "
         "check the commit the engine reports against it.",
+    )
+    endpoint: str | None = Field(default=None, description="A served engine's URL, from the manifest.")
+    api_key_env: str | None = Field(
+        default=None, description="The environment variable holding a served engine's API key."
+    )
+    model: str | None = Field(
+        default=None, description="The name the served engine knows the model by, from the manifest."
+    )
+    served: ServedPin | None = Field(
+        default=None, description="What a served engine said about itself when the stack was locked."
     )
 
 

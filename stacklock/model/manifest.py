@@ -121,6 +121,22 @@ class EngineSpec(Model):
             "llama.cpp build numbers for llama.cpp ('>=b4628,<b7756'). Empty: any."
         ),
     )
+    endpoint: str | None = Field(
+        default=None,
+        description="A served engine's URL (llama-server, ollama, vllm...), e.g. http://127.0.0.1:8080; "
+        "--endpoint overrides it.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The NAME of the environment variable holding a served engine's API key (never the key).",
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name a served engine knows the model by, for engines that serve several: the Ollama "
+        "model name ('gemma3:270m'), vLLM's served-model-name, an OpenAI-compatible model id.",
+    )
 
     @model_validator(mode="after")
     def _version(self) -> EngineSpec:
