@@ -340,7 +340,9 @@ class Lock(Model):
 
         The format version is not a pin: a lock written in an older format is still fresh.
         """
-        return self.model_dump(mode="json", by_alias=True, exclude={"recordings", "created_by", "lock_version"})
+        return self.model_dump(
+            mode="json", by_alias=True, exclude={"recordings", "created_by", "lock_version"}
+        )
 
     def behaviour(self) -> dict[str, Any]:
         """The pins that can change what the engine produces: equal behaviour means the goldens still apply.
@@ -362,12 +364,16 @@ class Lock(Model):
 
 def _migrated_id(data: Mapping[str, Any], engine: object) -> str:
     """A version-1 recording's id, from the engine identity it kept (the lock's engine where it lacks one)."""
-    pinned = data.get("engine") if isinstance(data.get("engine"), dict) else {}
-    backend = data.get("backend") if isinstance(data.get("backend"), dict) else {}
-    known = engine if isinstance(engine, dict) else {}
+
+    def table(value: object) -> Mapping[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    pinned, backend, known = table(data.get("engine")), table(data.get("backend")), table(engine)
     name = known.get("name") or pinned.get("name") or "unknown"
     version = known.get("version") or pinned.get("version") or "unknown"
-    return recording_id(str(name), str(version), str(known.get("backend") or backend.get("kind") or "unknown"))
+    return recording_id(
+        str(name), str(version), str(known.get("backend") or backend.get("kind") or "unknown")
+    )
 
 
 def manifest_hash(data: Mapping[str, Any]) -> str:

@@ -17,12 +17,12 @@ from stacklock.files.digest import sha256_text
 from stacklock.verify.compare import StageResult
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from stacklock.engines.base import LoadedModel
     from stacklock.engines.runner import RenderedSmoke
     from stacklock.engines.served import ServedEngine
-    from stacklock.model.lock import Lock, SmokePin
+    from stacklock.model.lock import Lock, SmokeGolden, SmokePin
 
 __all__ = ["ANOTHER_MODEL", "run_served", "served_artifacts"]
 
@@ -31,9 +31,15 @@ ANOTHER_MODEL = "the server has another model loaded"
 
 
 def run_served(
-    lock: Lock, engine: ServedEngine, prompts: Sequence[RenderedSmoke], *, top_k: int, from_golden: bool
+    lock: Lock,
+    engine: ServedEngine,
+    prompts: Sequence[RenderedSmoke],
+    *,
+    top_k: int,
+    goldens: Mapping[str, SmokeGolden],
 ) -> EngineRun:
-    """Observe every prompt on the served engine; with ``from_golden``, through the engine's own chat path."""
+    """Observe every prompt on the served engine; a prompt with a golden (verify), through the engine's own
+    chat path, generating from the golden's prompt tokens."""
     loaded = engine.load(None, lock.backend)
     try:
         observations: dict[str, Observation] = {}
@@ -42,7 +48,7 @@ def run_served(
         vocab = lock.tokenizer.vocab_size
         for prompt in prompts:
             pin = pins[prompt.name]
-            golden = pin.golden if from_golden else None
+            golden = goldens.get(pin.name)
             if golden is None or golden.prompt_tokens is None:
                 seen = observe(
                     loaded,
