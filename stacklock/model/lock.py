@@ -324,7 +324,7 @@ class Lock(Model):
         recording.setdefault("id", _migrated_id(data, recording.get("engine")))
         recording["goldens"] = goldens
         rest = {k: v for k, v in data.items() if k not in {"recording", "recordings"}}
-        return {**rest, "smoke": smoke, "recording": [recording]}
+        return {**rest, "smoke": smoke, "recording": [*(old if isinstance(old, list) else ()), recording]}
 
     def recording(self, name: str) -> Recording | None:
         """The recording with id ``name``, if the lock has it."""
