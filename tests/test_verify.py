@@ -148,7 +148,9 @@ def test_recording_uses_kebab_case_identity_keys() -> None:
 
 
 def test_a_served_engine_recording_is_named_by_the_locked_backend_kind() -> None:
-    served = identity().model_copy(update={"name": "llama-server", "version": "b11434", "backend": "not reported"})
+    served = identity().model_copy(
+        update={"name": "llama-server", "version": "b11434", "backend": "not reported"}
+    )
     recording = recording_from(served, {}, 5, {}, backend="cuda")
     assert recording.id == "llama-server-b11434-cuda"
 

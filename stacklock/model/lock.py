@@ -305,9 +305,15 @@ class Lock(Model):
     @model_validator(mode="before")
     @classmethod
     def _one_recording(cls, data: Any) -> Any:
-        """A lock-version 1 lock holds one ``[recording]`` table and each prompt's golden in ``[smoke.golden]``."""
+        """A lock-version 1 lock holds one ``[recording]`` table and each prompt's golden in ``[smoke.golden]``:
+        read into the current shape (and version)."""
         if not isinstance(data, dict):
             return data
+        version = data.get("lock-version", data.get("lock_version"))
+        if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < LOCK_VERSION:
+            # Read into the current shape, it is written back in the current format, under its version.
+            data = {k: v for k, v in data.items() if k not in {"lock-version", "lock_version"}}
+            data["lock-version"] = LOCK_VERSION
         smoke, goldens = data.get("smoke"), {}
         if isinstance(smoke, list):
             kept = []
