@@ -16,6 +16,7 @@ import pytest
 import tomlkit
 
 from stacklock.model.lock import Lock, parse_lock, render_lock
+from tests import test_certify_cli
 from tests.conftest import Result
 from tests.test_certify_cli import _project
 
@@ -24,6 +25,9 @@ pytest.importorskip("llama_cpp", reason="the 'llama' extra (llama-cpp-python) is
 pytestmark = pytest.mark.engine
 
 Cli = Callable[..., Result]
+
+#: The tiny stack, locked and recorded in process: the fixture the record/verify tests share.
+recorded = test_certify_cli.recorded
 
 HERE = "llama-cpp-python-0.3.36-cpu"
 FAKE = "fake-0-cpu"
@@ -38,15 +42,6 @@ def _verify(cli: Cli, project: Path, *args: str) -> tuple[int, dict[str, Any]]:
     assert result.code in {0, 1}, result.err
     report: dict[str, Any] = json.loads(result.out)
     return result.code, report
-
-
-@pytest.fixture
-def recorded(tmp_path: Path, cli: Cli) -> Path:
-    project = _project(tmp_path)
-    assert cli("lock", cwd=project).code == 0
-    result = cli("record", cwd=project)
-    assert result.code == 0, result.err
-    return project
 
 
 def test_record_on_another_engine_keeps_both_and_verify_picks_the_one_where_it_runs(

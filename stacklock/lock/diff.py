@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 
@@ -34,6 +34,8 @@ __all__ = [
     "explain_model",
     "template_diff",
 ]
+
+T = TypeVar("T")
 
 #: A template diff longer than this many lines is cut; the digests still say that the texts differ.
 MAX_DIFF_LINES = 40
@@ -217,16 +219,19 @@ def _keyed_diff(table: str, old: Sequence[Mapping[str, Any]], new: Sequence[Mapp
     return LinkDiff(link=table, summary=tuple(summary), changes=tuple(changes))
 
 
+def _pairs(old: Mapping[str, T], new: Mapping[str, T], summary: list[str]) -> Iterator[tuple[str, T, T]]:
+    """The entries both locks have, by name, in lock order; one only in one lock is said so in ``summary``."""
+    for name in list(old) + [n for n in new if n not in old]:
+        if name not in new or name not in old:
+            summary.append(f"{name}: only in the {_side(old.get(name))} lock")
+        else:
+            yield name, old[name], new[name]
+
+
 def _smoke_diff(old: Sequence[SmokePin], new: Sequence[SmokePin]) -> LinkDiff:
-    a = {pin.name: pin for pin in old}
-    b = {pin.name: pin for pin in new}
     summary: list[str] = []
     changes: list[Change] = []
-    for name in list(a) + [n for n in b if n not in a]:
-        if name not in b or name not in a:
-            summary.append(f"{name}: only in the {_side(a.get(name))} lock")
-            continue
-        x, y = a[name], b[name]
+    for name, x, y in _pairs({pin.name: pin for pin in old}, {pin.name: pin for pin in new}, summary):
         if x == y:
             continue
         if x.rendered_sha256 != y.rendered_sha256:
@@ -248,15 +253,9 @@ def _first_char(old: str | None, new: str | None) -> str:
 
 def _recordings_diff(old: Sequence[Recording], new: Sequence[Recording]) -> LinkDiff:
     """Recordings by id: one only in one lock, else what differs in where it was made and in each golden."""
-    a = {recording.id: recording for recording in old}
-    b = {recording.id: recording for recording in new}
     summary: list[str] = []
     changes: list[Change] = []
-    for name in list(a) + [n for n in b if n not in a]:
-        if name not in b or name not in a:
-            summary.append(f"{name}: only in the {_side(a.get(name))} lock")
-            continue
-        x, y = a[name], b[name]
+    for name, x, y in _pairs({r.id: r for r in old}, {r.id: r for r in new}, summary):
         for smoke in list(x.goldens) + [n for n in y.goldens if n not in x.goldens]:
             summary.extend(
                 f"{name} {smoke}: {line}"
