@@ -136,6 +136,10 @@ class LlamaServerEngine:
         params = field(f"{ENGINE_NAME} /props", self.props(), "default_generation_settings", "params")
         return {key: params[name] for key, name in _SAMPLER_PARAMS.items() if name in params}
 
+    def capabilities(self) -> Capabilities:
+        """What this server lets stacklock observe (the class's declaration)."""
+        return self.info.capabilities
+
     def load(self, model_path: Path, backend: BackendSettings) -> LlamaServerModel:  # noqa: ARG002 - the server loaded its model
         """The model the server has already loaded (the server, not stacklock, reads the file)."""
         self.props()

@@ -12,7 +12,9 @@ from stacklock.files.digest import sha256_text
 from stacklock.model.lock import ServedPin
 
 if TYPE_CHECKING:
-    from stacklock.engines.base import EngineIdentity, LoadedModel
+    from collections.abc import Sequence
+
+    from stacklock.engines.base import Capabilities, EngineIdentity, Generation, LoadedModel, SamplerSettings
     from stacklock.model.lock import EnginePin
 
 __all__ = [
@@ -34,7 +36,24 @@ class ServedEngine(Protocol):
     def served_model(self) -> dict[str, Any]: ...
     def chat_template(self) -> str | None: ...
     def sampler_defaults(self) -> dict[str, Any]: ...
+    def capabilities(self) -> Capabilities: ...
     def load(self, model_path: Any, backend: Any) -> LoadedModel: ...
+
+
+@runtime_checkable
+class TextPrompts(Protocol):
+    """A served engine's loaded model that generates from a text prompt only (no token-id prompts): it
+    tokenizes the prompt itself, as its clients' requests do."""
+
+    def generate_from_text(
+        self,
+        prompt: str,
+        *,
+        sampler: SamplerSettings,
+        max_tokens: int,
+        stop: Sequence[str],
+        top_k_logprobs: int = 5,
+    ) -> Generation: ...
 
 
 #: Backend options a served engine applies but no endpoint reports.

@@ -13,18 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from stacklock.engines.base import Observation, observe, sha256_tokens
 from stacklock.engines.runner import EngineRun
+from stacklock.engines.served import TextPrompts
+from stacklock.errors import EngineError
 from stacklock.files.digest import sha256_text
-from stacklock.verify.compare import StageResult
+from stacklock.verify.compare import SmokeResult, Stage, StageResult, not_checked, smoke_result
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from stacklock.engines.base import LoadedModel
+    from stacklock.engines.base import Capabilities, Generation, LoadedModel
     from stacklock.engines.runner import RenderedSmoke
     from stacklock.engines.served import ServedEngine
     from stacklock.model.lock import Lock, SmokeGolden, SmokePin
 
-__all__ = ["ANOTHER_MODEL", "run_served", "served_artifacts"]
+__all__ = ["ANOTHER_MODEL", "hide_unobservable", "run_served", "served_artifacts", "unobservable_stages"]
 
 #: How the artifacts stage of a served stack starts when the server holds another model than the lock's.
 ANOTHER_MODEL = "the server has another model loaded"
@@ -40,6 +42,7 @@ def run_served(
 ) -> EngineRun:
     """Observe every prompt on the served engine; a prompt with a golden (verify), through the engine's own
     chat path, generating from the golden's prompt tokens."""
+    caps = engine.capabilities()
     loaded = engine.load(None, lock.backend)
     try:
         observations: dict[str, Observation] = {}
@@ -49,7 +52,9 @@ def run_served(
         for prompt in prompts:
             pin = pins[prompt.name]
             golden = goldens.get(pin.name)
-            if golden is None or golden.prompt_tokens is None:
+            if not caps.tokenize or not caps.token_id_prompts:
+                seen = _from_text(lock, pin, loaded, prompt, caps, top_k=top_k)
+            elif golden is None or golden.prompt_tokens is None:
                 seen = observe(
                     loaded,
                     prompt.rendered,
@@ -62,15 +67,86 @@ def run_served(
             else:
                 seen = _through_chat_path(lock, pin, loaded, prompt, golden.prompt_tokens, top_k=top_k)
             observations[prompt.name] = seen
-            wanted = {*prompt.decode, *seen.generation.prompt_tokens, *seen.generation.tokens}
-            wanted |= {t for step in seen.generation.steps for t, _ in step.top}
-            decoded.update(
-                {t: loaded.detokenize([t], special=True) for t in wanted - decoded.keys() if 0 <= t < vocab}
-            )
+            if caps.detokenize:
+                wanted = {*prompt.decode, *seen.generation.prompt_tokens, *seen.generation.tokens}
+                wanted |= {t for step in seen.generation.steps for t, _ in step.top}
+                decoded.update(
+                    {
+                        t: loaded.detokenize([t], special=True)
+                        for t in wanted - decoded.keys()
+                        if 0 <= t < vocab
+                    }
+                )
         identity = loaded.identity()
     finally:
         loaded.close()
     return EngineRun(identity=identity, builtin=None, observations=observations, decoded=decoded)
+
+
+def _own_render(pin: SmokePin, loaded: LoadedModel, prompt: RenderedSmoke, lock: Lock) -> str:
+    """The engine's own rendering of a chat smoke prompt (BOS restored), else the locked render."""
+    if pin.kind == "chat" and pin.messages:
+        own = loaded.builtin_chat_render([m.model_dump() for m in pin.messages])
+        if own is not None:
+            return _with_bos(own[1], prompt.rendered, lock)
+    return prompt.rendered
+
+
+def _from_text(
+    lock: Lock, pin: SmokePin, loaded: LoadedModel, prompt: RenderedSmoke, caps: Capabilities, *, top_k: int
+) -> Observation:
+    """An engine that takes text prompts only: it is given the locked render and tokenizes it itself."""
+    rendered = _own_render(pin, loaded, prompt, lock) if caps.chat_render else prompt.rendered
+    if not isinstance(loaded, TextPrompts):
+        raise EngineError(
+            f"the {lock.engine.name} adapter takes no token-id prompts and no text prompts",
+            hint="upgrade the package that provides the adapter",
+        )
+    generation: Generation = loaded.generate_from_text(
+        prompt.rendered,
+        sampler=prompt.sampler,
+        max_tokens=prompt.max_tokens,
+        stop=prompt.sampler.stop or (),
+        top_k_logprobs=top_k,
+    )
+    if caps.tokenize:
+        tokens = loaded.tokenize(prompt.rendered, add_bos=prompt.add_bos, parse_special=True)
+        generation = generation.model_copy(update={"prompt_tokens": tokens})
+    return Observation(
+        rendered=rendered, rendered_sha256=sha256_text(rendered), generation=generation, top_k=top_k
+    )
+
+
+def unobservable_stages(engine: str, caps: Capabilities) -> dict[Stage, str]:
+    """The stages a served engine does not let stacklock observe, each with why."""
+    hidden: dict[Stage, str] = {}
+    if not caps.chat_render:
+        hidden["template"] = f"{engine} does not show its own rendering of a chat"
+    if not caps.tokenize:
+        hidden["tokenization"] = f"{engine} does not report the token ids of a prompt"
+    if not caps.top_logprobs:
+        hidden["generation"] = f"{engine} does not report generated token ids with their logprobs"
+    return hidden
+
+
+def hide_unobservable(
+    lock: Lock, results: Sequence[SmokeResult], hidden: Mapping[Stage, str]
+) -> list[SmokeResult]:
+    """Each stage the engine hides becomes ``not checked (why)``; a chat's template stage only (a raw
+    prompt's render is stacklock's own, compared with the lock whatever the engine)."""
+    chats = {pin.name for pin in lock.smoke if pin.kind == "chat"}
+    shown = []
+    for result in results:
+        stages = [
+            not_checked(stage.stage, hidden[stage.stage])
+            if stage.stage in hidden
+            and stage.status != "skip"
+            and (stage.stage != "template" or result.name in chats)
+            else stage
+            for stage in result.stages
+        ]
+        shown.append(smoke_result(result.name, stages))
+    return shown
 
 
 def _through_chat_path(
@@ -82,11 +158,7 @@ def _through_chat_path(
     *,
     top_k: int,
 ) -> Observation:
-    rendered = prompt.rendered
-    if pin.kind == "chat" and pin.messages:
-        own = loaded.builtin_chat_render([m.model_dump() for m in pin.messages])
-        if own is not None:
-            rendered = _with_bos(own[1], prompt.rendered, lock)
+    rendered = _own_render(pin, loaded, prompt, lock)
     tokens = loaded.tokenize(prompt.rendered, add_bos=prompt.add_bos, parse_special=True)
     generation = loaded.generate(
         locked_tokens,

@@ -37,6 +37,7 @@ from stacklock.sources.local import confine
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.verify.compare import (
     STAGES,
+    Stage,
     StageResult,
     Tolerance,
     VerifyReport,
@@ -49,7 +50,13 @@ from stacklock.verify.compare import (
     smoke_result,
 )
 from stacklock.verify.recordings import choose_recording, drift_note
-from stacklock.verify.served import ANOTHER_MODEL, run_served, served_artifacts
+from stacklock.verify.served import (
+    ANOTHER_MODEL,
+    hide_unobservable,
+    run_served,
+    served_artifacts,
+    unobservable_stages,
+)
 
 
 def check_engine(lock: Lock) -> None:
@@ -473,7 +480,8 @@ def _verify_served(lock: Lock, served: ServedEngine, compared: _Compared) -> Ver
         )
     prompts, broken = _rendered(lock, compared)
     run = run_served(lock, served, prompts, top_k=compared.top_k, goldens=compared.goldens)
-    report = _compare(lock, run, broken, artifacts, None, compared)
+    hidden = unobservable_stages(lock.engine.name, served.capabilities())
+    report = _compare(lock, run, broken, artifacts, None, compared, hidden=hidden)
     notes = list(report.notes)
     # A server run with --engine has no served pin: what no endpoint reports is the same list.
     unobservable = lock.engine.served.unobservable if lock.engine.served is not None else UNOBSERVABLE
@@ -492,8 +500,11 @@ def _compare(
     artifacts: StageResult,
     reference: str | None,
     compared: _Compared,
+    *,
+    hidden: Mapping[Stage, str] | None = None,
 ) -> VerifyReport:
-    """Each smoke prompt's stages: the engine's observations against the recording's goldens."""
+    """Each smoke prompt's stages: the engine's observations against the recording's goldens; the ``hidden``
+    stages (which a served engine does not let stacklock observe) are reported as not checked."""
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
@@ -520,6 +531,8 @@ def _compare(
                 decode=_decoder(run.decoded),
             )
         )
+    if hidden:
+        results = hide_unobservable(lock, results, hidden)
     report = build_report(
         results,
         engine=run.identity,
