@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -51,23 +52,41 @@ def free_port() -> int:
 def llama_server(model: Path, *args: str, log: Path) -> Iterator[str]:
     """Start llama-server on a free port with ``model``; yields its URL once /health says ok."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     command = [str(llama_server_binary()), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
     command += ["-t", "2", "-c", "1024", "-np", "1", "--no-webui", *args]
+    with _serving(command, f"http://127.0.0.1:{port}", "/health", log) as url:
+        yield url
+
+
+@contextmanager
+def llama_cpp_python_server(model: Path, *args: str, log: Path) -> Iterator[str]:
+    """Start llama-cpp-python's own server (``python -m llama_cpp.server``, the 'server' extra) on a free port
+    with ``model``; yields its URL once it lists its model."""
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--n_threads", "2", "--n_ctx", "1024", *args]
+    with _serving(command, f"http://127.0.0.1:{port}", "/v1/models", log) as url:
+        yield url
+
+
+@contextmanager
+def _serving(command: list[str], url: str, ready: str, log: Path) -> Iterator[str]:
+    """Run a server until the block ends; yields ``url`` once ``ready`` answers 200."""
+    name = Path(command[0]).name if command[0] != sys.executable else command[2]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                pytest.fail(f"llama-server exited with {process.returncode}: {log.read_text()[-2000:]}")
+                pytest.fail(f"{name} exited with {process.returncode}: {log.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{ready}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"llama-server did not become healthy in 120 s: {log.read_text()[-2000:]}")
+                pytest.fail(f"{name} did not become ready in 120 s: {log.read_text()[-2000:]}")
             time.sleep(0.2)
         yield url
     finally:

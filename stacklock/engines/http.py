@@ -41,6 +41,8 @@ class ServedSettings:
     endpoint: str
     api_key_env: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    #: The served model's name (engine.model), for engines that serve several; None: the one it serves.
+    model: str | None = None
     retries: int = DEFAULT_RETRIES
 
 

@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -68,7 +68,8 @@ class EngineRun:
     identity: EngineIdentity
     builtin: tuple[str, str] | None
     observations: dict[str, Observation]
-    decoded: dict[int, str]
+    #: Token pieces by id; a served engine's are decoded on demand while its run is open.
+    decoded: Mapping[int, str]
 
 
 Progress = Callable[[str], None]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UNOBSERVABLE",
+    "UNVERIFIED",
     "ServedEngine",
     "check_served_version",
     "is_served",
@@ -68,14 +69,22 @@ UNOBSERVABLE = (
 )
 
 
+#: The version of a served engine that reports none (an OpenAI-compatible server): the manifest's exact pin
+#: stands for it, and no request can confirm it.
+UNVERIFIED = "unverified"
+
+
 def is_served(engine_name: str) -> bool:
     """Whether the engine registered as ``engine_name`` is reached over HTTP (an unregistered one is not)."""
     info = adapter_info(engine_name)
     return info is not None and info.capabilities.served
 
 
-def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None) -> ServedEngine:
-    """The served engine's adapter, pointed at its endpoint (``--endpoint`` wins over the manifest's).
+def open_served(
+    engine_name: str, endpoint: str | None, api_key_env: str | None, model: str | None = None
+) -> ServedEngine:
+    """The served engine's adapter, pointed at its endpoint (``--endpoint`` wins over the manifest's) and, for
+    an engine that serves several models, at the one named ``model`` (``engine.model``).
 
     ``STACKLOCK_TIMEOUT`` sets the seconds one request may take (default 120): never unbounded.
     """
@@ -96,7 +105,7 @@ def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None)
         raise EngineError(
             f"STACKLOCK_TIMEOUT={raw!r} is not a number of seconds", hint="e.g. STACKLOCK_TIMEOUT=300"
         )
-    settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env, timeout=timeout)
+    settings = ServedSettings(endpoint=endpoint, api_key_env=api_key_env, timeout=timeout, model=model)
     # A served adapter is constructed with its endpoint settings, which the Engine protocol does not declare.
     cls: Any = adapter_class(engine_name)
     engine = cls(settings)
@@ -109,7 +118,12 @@ def open_served(engine_name: str, endpoint: str | None, api_key_env: str | None)
 
 
 def served_engine(
-    name: str, endpoint: str | None, api_key_env: str | None, *, override: str | None = None
+    name: str,
+    endpoint: str | None,
+    api_key_env: str | None,
+    *,
+    override: str | None = None,
+    model: str | None = None,
 ) -> ServedEngine | None:
     """The served engine ``name`` at ``override`` (``--endpoint``) or ``endpoint``; None for an engine that
     runs in process (where ``--endpoint`` is a usage error)."""
@@ -121,13 +135,13 @@ def served_engine(
                 "(llama-server...), or set engine.name to one",
             )
         return None
-    return open_served(name, override or endpoint, api_key_env)
+    return open_served(name, override or endpoint, api_key_env, model)
 
 
 def check_served_version(pin: EnginePin, served: ServedEngine) -> None:
     """The served engine must run the locked build or version."""
     version = served.identity().version
-    if version != pin.version:
+    if version not in {pin.version, UNVERIFIED}:
         raise EngineError(
             f"the {pin.name} at the endpoint runs {version}, not the locked {pin.version}",
             hint="point --endpoint at a server of the locked build, or re-lock and re-record against this one",

@@ -6,8 +6,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from stacklock.engines.served import served_engine, served_pin
-from stacklock.errors import RuleViolation
+from stacklock.engines.served import UNVERIFIED, served_engine, served_pin
+from stacklock.errors import ManifestError, RuleViolation
 from stacklock.lock.load import load_inputs
 from stacklock.lock.resolve import resolve
 from stacklock.model.findings import Allowance
@@ -35,10 +35,24 @@ def lock_stack(
         manifest_path, use_cache=use_cache, reporter=reporter, offline=offline, revisions=revisions
     )
     spec = inputs.manifest.engine
-    served = served_engine(spec.name, spec.endpoint, spec.api_key_env, override=endpoint)
+    served = served_engine(spec.name, spec.endpoint, spec.api_key_env, override=endpoint, model=spec.model)
     if served is not None:
         # The server's own build or version is what the stack runs; resolution checks it against the manifest.
-        inputs = replace(inputs, installed_engine_version=served.identity().version)
+        version = served.identity().version
+        if version == UNVERIFIED:
+            # No request tells the version: the manifest must pin one, which the lock keeps, unverified.
+            if not spec.version.strip().startswith("=="):
+                raise ManifestError(
+                    f"engine.version: {spec.name} servers do not report their version, so "
+                    f"'{spec.version or '(any)'}' cannot be checked",
+                    hint="pin the version the server runs exactly (e.g. version = '==0.3.31'); "
+                    "it is locked as unverified",
+                )
+            reporter.event(
+                f"note: {spec.name} does not report its version; {spec.version} is locked unverified"
+            )
+        else:
+            inputs = replace(inputs, installed_engine_version=version)
     resolution = resolve(inputs, allow, carried)
     for allowance in resolution.stale:
         reporter.event(

@@ -256,6 +256,7 @@ def _engine_pin(
             build_exact=True,
             endpoint=spec.endpoint,
             api_key_env=spec.api_key_env,
+            model=spec.model,
         )
     if installed is not None:
         if requirement and not SpecifierSet(requirement).contains(installed, prereleases=True):
@@ -275,9 +276,9 @@ def _engine_pin(
     vendored = (
         None
         if info is not None and info.build_scheme == "none"
-        else vendored_build(spec.name, version, tables)
+        else vendored_build((info.builds_of if info else None) or spec.name, version, tables)
     )
-    where = {"endpoint": spec.endpoint, "api_key_env": spec.api_key_env}
+    where = {"endpoint": spec.endpoint, "api_key_env": spec.api_key_env, "model": spec.model}
     if vendored is None:
         return EnginePin(name=spec.name, requirement=requirement, version=version, **where)
     return EnginePin(

@@ -203,6 +203,9 @@ class EnginePin(Model):
     api_key_env: str | None = Field(
         default=None, description="The environment variable holding a served engine's API key."
     )
+    model: str | None = Field(
+        default=None, description="The name the served engine knows the model by, from the manifest."
+    )
     served: ServedPin | None = Field(
         default=None, description="What a served engine said about itself when the stack was locked."
     )

@@ -130,6 +130,12 @@ class EngineSpec(Model):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="The NAME of the environment variable holding a served engine's API key (never the key).",
     )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name a served engine knows the model by, for engines that serve several: the Ollama "
+        "model name ('gemma3:270m'), vLLM's served-model-name, an OpenAI-compatible model id.",
+    )
 
     @model_validator(mode="after")
     def _version(self) -> EngineSpec:

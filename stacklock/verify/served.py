@@ -9,6 +9,8 @@ template or tokenizer difference.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from stacklock.engines.base import Observation, observe, sha256_tokens
@@ -19,7 +21,7 @@ from stacklock.files.digest import sha256_text
 from stacklock.verify.compare import SmokeResult, Stage, StageResult, not_checked, smoke_result
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from stacklock.engines.base import Capabilities, Generation, LoadedModel
     from stacklock.engines.runner import RenderedSmoke
@@ -32,6 +34,35 @@ __all__ = ["ANOTHER_MODEL", "hide_unobservable", "run_served", "served_artifacts
 ANOTHER_MODEL = "the server has another model loaded"
 
 
+class _Pieces(Mapping[int, str]):
+    """Token pieces for a report, asked of the server only for the ids a report shows (a difference, its
+    alternatives): a reproduced stack costs no request, where decoding every id cost one request per id."""
+
+    def __init__(self, loaded: LoadedModel, known: dict[int, str], vocab: int, *, ask: bool) -> None:
+        self._loaded = loaded
+        self._known = known
+        self._vocab = vocab
+        self._ask = ask
+
+    def __getitem__(self, token: int) -> str:
+        if token not in self._known:
+            # A hand-edited golden may name an id the vocabulary lacks; the server would refuse it.
+            if not self._ask or not 0 <= token < self._vocab:
+                raise KeyError(token)
+            try:
+                self._known[token] = self._loaded.detokenize([token], special=True)
+            except EngineError:
+                raise KeyError(token) from None
+        return self._known[token]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._known)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+@contextmanager
 def run_served(
     lock: Lock,
     engine: ServedEngine,
@@ -39,16 +70,18 @@ def run_served(
     *,
     top_k: int,
     goldens: Mapping[str, SmokeGolden],
-) -> EngineRun:
+) -> Iterator[EngineRun]:
     """Observe every prompt on the served engine; a prompt with a golden (verify), through the engine's own
-    chat path, generating from the golden's prompt tokens."""
+    chat path, generating from the golden's prompt tokens.
+
+    The connection stays open while the caller compares, so that the pieces a report shows are decoded then.
+    """
     caps = engine.capabilities()
     loaded = engine.load(None, lock.backend)
     try:
         observations: dict[str, Observation] = {}
-        decoded: dict[int, str] = {}
+        known: dict[int, str] = {}
         pins = {pin.name: pin for pin in lock.smoke}
-        vocab = lock.tokenizer.vocab_size
         for prompt in prompts:
             pin = pins[prompt.name]
             golden = goldens.get(pin.name)
@@ -67,20 +100,13 @@ def run_served(
             else:
                 seen = _through_chat_path(lock, pin, loaded, prompt, golden.prompt_tokens, top_k=top_k)
             observations[prompt.name] = seen
-            if caps.detokenize:
-                wanted = {*prompt.decode, *seen.generation.prompt_tokens, *seen.generation.tokens}
-                wanted |= {t for step in seen.generation.steps for t, _ in step.top}
-                decoded.update(
-                    {
-                        t: loaded.detokenize([t], special=True)
-                        for t in wanted - decoded.keys()
-                        if 0 <= t < vocab
-                    }
-                )
-        identity = loaded.identity()
+            generation = seen.generation
+            if len(generation.pieces) == len(generation.tokens):
+                known.update(zip(generation.tokens, generation.pieces, strict=True))
+        pieces = _Pieces(loaded, known, lock.tokenizer.vocab_size, ask=caps.detokenize)
+        yield EngineRun(identity=loaded.identity(), builtin=None, observations=observations, decoded=pieces)
     finally:
         loaded.close()
-    return EngineRun(identity=identity, builtin=None, observations=observations, decoded=decoded)
 
 
 def _own_render(pin: SmokePin, loaded: LoadedModel, prompt: RenderedSmoke, lock: Lock) -> str:
@@ -103,13 +129,14 @@ def _from_text(
             hint="upgrade the package that provides the adapter",
         )
     generation: Generation = loaded.generate_from_text(
-        prompt.rendered,
+        _without_bos(prompt, lock),
         sampler=prompt.sampler,
         max_tokens=prompt.max_tokens,
         stop=prompt.sampler.stop or (),
         top_k_logprobs=top_k,
     )
-    if caps.tokenize:
+    # An engine that reports what it tokenized the prompt into is believed over a second tokenization.
+    if caps.tokenize and not generation.prompt_tokens:
         tokens = loaded.tokenize(prompt.rendered, add_bos=prompt.add_bos, parse_special=True)
         generation = generation.model_copy(update={"prompt_tokens": tokens})
     return Observation(
@@ -176,6 +203,16 @@ def _through_chat_path(
     )
 
 
+def _without_bos(prompt: RenderedSmoke, lock: Lock) -> str:
+    """The text to send an engine that takes text prompts: llama.cpp-based servers (llama-cpp-python's, LM
+    Studio) add the BOS their tokenizer wants to every text prompt, so a render that carries its BOS in its
+    text (add-bos = false) is sent without it, and the engine's own BOS takes its place instead of doubling."""
+    bos = lock.tokenizer.bos_text
+    if bos and not prompt.add_bos and lock.tokenizer.add_bos is not False and prompt.rendered.startswith(bos):
+        return prompt.rendered[len(bos) :]
+    return prompt.rendered
+
+
 def _with_bos(own: str, locked: str, lock: Lock) -> str:
     """llama.cpp strips a leading BOS from its render when its tokenizer adds one; put it back to compare."""
     bos = lock.tokenizer.bos_text
@@ -199,10 +236,11 @@ def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
     }
     if lock.engine.served is not None:
         expected |= {k: v for k, v in lock.engine.served.model.items() if k != "path"}
+    compared = [key for key, value in expected.items() if value is not None and model.get(key) is not None]
     wrong = [
-        f"{key} {model.get(key)!r} (locked {value!r})"
-        for key, value in expected.items()
-        if value is not None and model.get(key) is not None and model.get(key) != value
+        f"{key} {model.get(key)!r} (locked {expected[key]!r})"
+        for key in compared
+        if model.get(key) != expected[key]
     ]
     if wrong:
         return StageResult(
@@ -227,6 +265,6 @@ def served_artifacts(lock: Lock, engine: ServedEngine) -> StageResult:
     return StageResult(
         stage="artifacts",
         status="pass",
-        detail=f"the server's loaded model matches {lock.model.path} (vocabulary, parameters, context); "
+        detail=f"the server's loaded model matches {lock.model.path} ({', '.join(compared) or 'it tells nothing'}); "
         "its file hash is not checked (the server reads the file)",
     )

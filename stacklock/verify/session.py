@@ -240,7 +240,8 @@ def recording_of(
         model_path = _require_model(lock, base)
         run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
     else:
-        run = run_served(lock, served, prompts, top_k=top_k, goldens={})
+        with run_served(lock, served, prompts, top_k=top_k, goldens={}) as run:
+            pass
     goldens = {pin.name: golden_from_observation(run.observations[pin.name]) for pin in lock.smoke}
     environment = current_environment().model_dump(mode="json", by_alias=True)
     return recording_from(run.identity, environment, top_k, goldens, backend=str(lock.backend.kind))
@@ -310,7 +311,8 @@ def on_engine(lock: Lock, engine: str | None, endpoint: str | None) -> tuple[Loc
 
 def _served(lock: Lock, endpoint: str | None) -> ServedEngine | None:
     """The served engine the lock names, checked to run the locked build; None for an in-process engine."""
-    served = served_engine(lock.engine.name, lock.engine.endpoint, lock.engine.api_key_env, override=endpoint)
+    pin = lock.engine
+    served = served_engine(pin.name, pin.endpoint, pin.api_key_env, override=endpoint, model=pin.model)
     if served is not None:
         check_served_version(lock.engine, served)
     return served
@@ -479,9 +481,9 @@ def _verify_served(lock: Lock, served: ServedEngine, compared: _Compared) -> Ver
             results, engine=served.identity(), tolerance=compared.tolerance, recording=compared.id
         )
     prompts, broken = _rendered(lock, compared)
-    run = run_served(lock, served, prompts, top_k=compared.top_k, goldens=compared.goldens)
     hidden = unobservable_stages(lock.engine.name, served.capabilities())
-    report = _compare(lock, run, broken, artifacts, None, compared, hidden=hidden)
+    with run_served(lock, served, prompts, top_k=compared.top_k, goldens=compared.goldens) as run:
+        report = _compare(lock, run, broken, artifacts, None, compared, hidden=hidden)
     notes = list(report.notes)
     # A server run with --engine has no served pin: what no endpoint reports is the same list.
     unobservable = lock.engine.served.unobservable if lock.engine.served is not None else UNOBSERVABLE
