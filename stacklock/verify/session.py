@@ -407,7 +407,8 @@ def verify_lock(
     recording = choose_recording(
         lock,
         engine=lock.engine.name,
-        version=lock.engine.version,
+        # A served engine's recording is named by the version it reports (or "unverified"), as at record time.
+        version=served.identity().version if served is not None else lock.engine.version,
         backend=str(lock.backend.kind),
         against=against,
     )
