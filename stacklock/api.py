@@ -107,7 +107,8 @@ def record_goldens(lock: StrPath = LOCK, *, top_k: int = 5, reporter: Reporter =
     """`stacklock record`: run every smoke prompt, store the goldens in the lock file and return the lock."""
     from stacklock.verify.session import record  # noqa: PLC0415
 
-    return record(Path(lock), top_k=top_k, reporter=reporter)
+    recorded, _ = record(Path(lock), top_k=top_k, reporter=reporter)
+    return recorded
 
 
 def verify_stack(

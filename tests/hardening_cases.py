@@ -591,7 +591,7 @@ CASES: tuple[Case, ...] = (
             ("context-size-0", "context-size = 256", "context-size = 0", "context-size"),
             ("temperature-negative", "temperature = 0.0", "temperature = -1.0", "temperature"),
             ("seed-2-pow-64", "seed = 1", "seed = 18446744073709551615", "seed"),
-            ("lock-version-string", "lock-version = 1", 'lock-version = "1"', "lock-version"),
+            ("lock-version-string", "lock-version = 2", 'lock-version = "2"', "lock-version"),
             ("top-p-2", "top-p = 0.95", "top-p = 2.0", "top-p"),
             ("mirostat-tau-inf", "mirostat-tau = 5.0", "mirostat-tau = inf", "finite"),
         )

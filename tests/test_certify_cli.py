@@ -131,9 +131,10 @@ def test_init_lock_record_verify_certifies_the_stack(tmp_path: Path, cli: Cli) -
     lock = _lock(tmp_path)
     names = [pin.name for pin in lock.smoke]
     assert names == ["greeting", "arithmetic", "completion"]
-    assert all(pin.golden is not None and pin.golden.tokens for pin in lock.smoke)
+    (recording,) = lock.recordings
+    assert all(recording.goldens[pin.name].tokens for pin in lock.smoke)
     assert record.err.splitlines()[-1] == (
-        "wrote goldens to llmstack.lock; commit it, then run `stacklock verify` in CI"
+        f"wrote the recording {recording.id} to llmstack.lock; commit it, then run `stacklock verify` in CI"
     )
 
     text = cli("verify", cwd=tmp_path)
@@ -231,8 +232,7 @@ def test_a_changed_temperature_fails_at_generation_naming_the_token(recorded: Pa
     assert raw["first-failure"] == "generation"
     assert _stage(report, "raw", "tokenization")["status"] == "pass"
     generation = _stage(report, "raw", "generation")
-    golden = next(p for p in _lock(recorded).smoke if p.name == "raw").golden
-    assert golden is not None
+    golden = _lock(recorded).recordings[0].goldens["raw"]
     index = generation["position"]
     assert isinstance(index, int)
     recorded_token = golden.tokens[index]
@@ -295,8 +295,7 @@ def test_a_truncated_model_fails_at_artifacts_before_the_engine_loads_it(recorde
 
 
 def test_a_stop_string_that_cuts_the_output_fails_at_output(recorded: Path, cli: Cli) -> None:
-    golden = next(p for p in _lock(recorded).smoke if p.name == "hello").golden
-    assert golden is not None
+    golden = _lock(recorded).recordings[0].goldens["hello"]
     # Three letters from inside the recorded text: generation now stops there, and the output is cut.
     start = next(i for i in range(2, len(golden.text)) if golden.text[i : i + 3].isalpha())
     stop = golden.text[start : start + 3]
@@ -389,7 +388,7 @@ def test_an_engine_crash_is_exit_3_with_one_clear_line(tmp_path: Path, cli: Cli)
         finally:
             log.unlink()
     # The crash left the lock alone: nothing was recorded.
-    assert all(pin.golden is None for pin in _lock(tmp_path).smoke)
+    assert not _lock(tmp_path).recordings
 
 
 def test_a_model_the_engine_refuses_is_exit_3_quoting_llama_cpp(tmp_path: Path, cli: Cli) -> None:
@@ -432,16 +431,16 @@ def test_verify_without_goldens_certifies_nothing(tmp_path: Path, cli: Cli) -> N
 
 def test_tolerance_accepts_a_near_tie_and_only_with_the_flag(recorded: Path, cli: Cli) -> None:
     lock = _lock(recorded)
-    raw = next(p for p in lock.smoke if p.name == "raw")
-    assert raw.golden is not None
-    (best, best_logprob), (second, second_logprob) = raw.golden.top_logprobs[0][:2]
+    (recording,) = lock.recordings
+    raw = recording.goldens["raw"]
+    (best, best_logprob), (second, second_logprob) = raw.top_logprobs[0][:2]
     gap = best_logprob - second_logprob
     assert 0 < gap < 0.5, "the tiny model's first step is a near-tie"
     # As if the recording machine had picked the runner-up at a near-tie.
-    tokens = (second, *raw.golden.tokens[1:])
-    edited = raw.model_copy(update={"golden": raw.golden.model_copy(update={"tokens": tokens})})
-    smoke = tuple(edited if p.name == "raw" else p for p in lock.smoke)
-    (recorded / "llmstack.lock").write_text(render_lock(lock.model_copy(update={"smoke": smoke})))
+    edited = raw.model_copy(update={"tokens": (second, *raw.tokens[1:])})
+    goldens = {**recording.goldens, "raw": edited}
+    edited_lock = lock.with_recording(recording.model_copy(update={"goldens": goldens}))
+    (recorded / "llmstack.lock").write_text(render_lock(edited_lock))
 
     code, report = _verify_json(cli, recorded)
     assert code == 1

@@ -79,17 +79,23 @@ def test_goldens_are_compared_at_the_first_differing_token(tmp_path: Path, cli: 
     assert cli("record", cwd=a.parent).code == 0
     b = tmp_path / "b.lock"
     lock = read_lock(a)
-    golden = lock.smoke[0].golden
-    assert golden is not None
+    (recording,) = lock.recordings
+    golden = recording.goldens["hi"]
     tokens = (*golden.tokens[:1], golden.tokens[1] + 1, *golden.tokens[2:])
-    smoke = lock.smoke[0].model_copy(update={"golden": golden.model_copy(update={"tokens": tokens})})
-    b.write_text(render_lock(lock.model_copy(update={"smoke": (smoke,)})))
+    changed = recording.model_copy(update={"goldens": {"hi": golden.model_copy(update={"tokens": tokens})}})
+    b.write_text(render_lock(lock.with_recording(changed)))
     result = cli("diff", str(a), str(b), cwd=tmp_path)
     assert result.code == 1
     assert (
-        f"hi: generated tokens: first difference at token 1: {golden.tokens[1]} → {golden.tokens[1] + 1}"
-        in result.out
+        f"{recording.id} hi: generated tokens: first difference at token 1: {golden.tokens[1]} → "
+        f"{golden.tokens[1] + 1}" in result.out
     )
+    # A recording made on another engine or backend is named as one lock's only.
+    other = recording.model_copy(update={"id": recording.id.replace("-cpu", "-cuda")})
+    b.write_text(render_lock(lock.with_recording(other)))
+    result = cli("diff", str(a), str(b), cwd=tmp_path)
+    assert result.code == 1
+    assert f"recording:\n  {other.id}: only in the second lock" in result.out
 
 
 def test_model_drift_is_explained(tmp_path: Path, cli: Cli) -> None:

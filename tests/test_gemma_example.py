@@ -72,12 +72,12 @@ def test_fresh_goldens_record_and_verify(tmp_path: Path, gemma: Path, cli: Cli) 
     record = cli("record", cwd=project)
     assert record.code == 0, record.err
     lock = parse_lock((project / "llmstack.lock").read_text(encoding="utf-8"))
-    goldens = {pin.name: pin.golden for pin in lock.smoke}
+    (recording,) = lock.recordings
+    assert recording.id == "llama-cpp-python-0.3.36-cpu"
+    goldens = recording.goldens
     assert list(goldens) == SMOKE
-    capital = goldens["capital"]
-    assert capital is not None
-    assert "Paris" in capital.text
-    assert all(len(step) == 5 for golden in goldens.values() if golden for step in golden.top_logprobs)
+    assert "Paris" in goldens["capital"].text
+    assert all(len(step) == 5 for golden in goldens.values() for step in golden.top_logprobs)
     text = cli("verify", cwd=project)
     assert text.code == 0, text.out
     assert (

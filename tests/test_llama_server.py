@@ -95,7 +95,9 @@ def test_the_lock_pins_the_servers_identity(recorded: Path) -> None:
     assert served.model["parameter-count"] == lock.model.parameter_count
     assert served.sampler_defaults["temperature"] == pytest.approx(0.8)
     assert "backend.flash-attention" in served.unobservable
-    assert all(pin.golden is not None for pin in lock.smoke)
+    (recording,) = lock.recordings
+    assert recording.id == "llama-server-b11434-cpu"
+    assert set(recording.goldens) == {pin.name for pin in lock.smoke}
 
 
 def test_verify_endpoint_certifies_the_gemma_stack(recorded: Path, gemma: Path, cli: Cli) -> None:
@@ -174,3 +176,50 @@ def test_a_server_of_another_build_is_refused(recorded: Path, tmp_path: Path, cl
         result = cli("verify", "--endpoint", url, cwd=project)
     assert result.code == 3, result.err
     assert "runs b11434, not the locked b11433" in result.err
+
+
+def test_the_server_is_checked_against_the_reference_recorded_in_process(
+    gemma: Path, tmp_path: Path, cli: Cli
+) -> None:
+    """One lock, two recordings: the shipped in-process stack records the reference, the same stack is
+    recorded through llama-server (--engine llama-server), and the server is verified against the
+    reference (--against), with the largest logprob drift reported."""
+    project = tmp_path
+    shutil.copy(EXAMPLE / "llmstack.toml", project / "llmstack.toml")
+    (project / "models").mkdir()
+    (project / MODEL).symlink_to(gemma)
+    assert cli("lock", cwd=project).code == 0
+    reference = cli("record", cwd=project)
+    assert reference.code == 0, reference.err
+    served = ("--engine", "llama-server")
+    with llama_server(gemma, *BACKEND, "--chat-template-file", str(TEMPLATE), log=project / "a.log") as url:
+        recorded = cli("record", *served, "--endpoint", url, cwd=project)
+        own = cli("verify", "--format", "json", *served, "--endpoint", url, cwd=project)
+        against = cli(
+            "verify",
+            "--format",
+            "json",
+            *served,
+            "--endpoint",
+            url,
+            "--against",
+            "llama-cpp-python-0.3.36-cpu",
+            "--tolerance",
+            "0.5",
+            cwd=project,
+        )
+    assert recorded.code == 0, recorded.err
+    lock = parse_lock((project / "llmstack.lock").read_text(encoding="utf-8"))
+    assert [r.id for r in lock.recordings] == ["llama-cpp-python-0.3.36-cpu", "llama-server-b11434-cpu"]
+    # Gemma gives the same tokens on both engines, with the server's options as the README's.
+    assert lock.recordings[0].goldens["capital"].tokens == lock.recordings[1].goldens["capital"].tokens
+    assert own.code == 0, own.out + own.err
+    assert json.loads(own.out)["recording"] == "llama-server-b11434-cpu"
+    assert against.code == 0, against.out + against.err
+    report = json.loads(against.out)
+    assert report["recording"] == "llama-cpp-python-0.3.36-cpu"
+    assert report["reproduced"] is True
+    note = report["notes"][0]
+    assert note.startswith("against the recording llama-cpp-python-0.3.36-cpu: largest logprob drift ")
+    drift = float(note.split("largest logprob drift ")[1].split(" ")[0])
+    assert 0 <= drift < 0.5, note

@@ -342,13 +342,13 @@ def test_a_lock_from_a_newer_stacklock_is_refused_naming_both_versions(tmp_path:
     path = project / "llmstack.lock"
     newer = (
         path.read_text()
-        .replace("lock-version = 1", "lock-version = 2")
+        .replace("lock-version = 2", "lock-version = 3")
         .replace(f'created-by = "{created_by()}"', 'created-by = "stacklock 9.0.0"')
     )
     path.write_text(newer)
     expected = (
-        f"error: llmstack.lock: lock-version 2 (written by stacklock 9.0.0) is newer than {created_by()} reads "
-        "(lock-version 1); upgrade stacklock; re-locking with this version would discard what the newer one "
+        f"error: llmstack.lock: lock-version 3 (written by stacklock 9.0.0) is newer than {created_by()} reads "
+        "(lock-version 2); upgrade stacklock; re-locking with this version would discard what the newer one "
         "pinned\n"
     )
     for command in (["check"], ["verify"], ["lock", "--check"], ["lock"]):

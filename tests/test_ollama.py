@@ -185,7 +185,10 @@ def test_the_lock_pins_version_blob_digest_template_and_parameters(recorded: Pat
     assert served.model["parameter-count"] == lock.model.parameter_count
     assert served.chat_template_sha256 == hashlib.sha256(GO_TEMPLATE.encode()).hexdigest()
     assert served.sampler_defaults == {"num_ctx": 256, "stop": ("<|im_end|>",), "temperature": 0.7}
-    assert all(pin.golden is not None and pin.golden.text == " upon a" for pin in lock.smoke)
+    (recording,) = lock.recordings
+    assert {name: golden.text for name, golden in recording.goldens.items()} == {
+        pin.name: " upon a" for pin in lock.smoke
+    }
 
 
 def test_verify_reproduces_and_names_the_stages_ollama_hides(recorded: Path, cli: Cli) -> None:
@@ -360,6 +363,7 @@ def test_a_stop_string_shows_in_the_pieces_past_the_text(
         for command in ("lock", "record"):
             assert cli(command, "--endpoint", url, cwd=project).code == 0
     lock = parse_lock((project / "llmstack.lock").read_text(encoding="utf-8"))
-    assert {pin.golden.stop_reason for pin in lock.smoke if pin.golden} == {reason}
+    (recording,) = lock.recordings
+    assert {golden.stop_reason for golden in recording.goldens.values()} == {reason}
     sent = [body for key, body in replay.requests if key == "POST /api/generate"]
     assert all(body["options"]["stop"] == ["<|im_end|>"] for body in sent)

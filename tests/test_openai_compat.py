@@ -117,9 +117,8 @@ def test_lock_record_verify_checks_the_output_only(
     assert lock.engine.served is not None
     assert lock.engine.served.build == "unverified"
     assert lock.engine.served.model == {"model-id": MODEL_ID}
-    [capital] = [p for p in lock.smoke if p.name == "capital"]
-    assert capital.golden is not None
-    assert (capital.golden.text, capital.golden.stop_reason) == (" Paris", "stop-string")
+    capital = lock.recordings[0].goldens["capital"]
+    assert (capital.text, capital.stop_reason) == (" Paris", "stop-string")
 
     result = cli("verify", "--format", "json", "--endpoint", url, cwd=project)
     assert result.code == 0, result.err

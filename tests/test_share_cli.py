@@ -217,13 +217,13 @@ def test_share_refuses_a_certificate_that_did_not_reproduce(
 ) -> None:
     lock_path = certified / "llmstack.lock"
     lock = parse_lock(lock_path.read_text())
-    golden = lock.smoke[0].golden
-    assert golden is not None
+    (recording,) = lock.recordings
+    name = lock.smoke[0].name
+    golden = recording.goldens[name]
     # A golden this engine does not produce: the first generated token differs.
     wrong = golden.model_copy(update={"tokens": ((golden.tokens[0] + 1) % 900, *golden.tokens[1:])})
-    lock_path.write_text(
-        render_lock(lock.model_copy(update={"smoke": (lock.smoke[0].model_copy(update={"golden": wrong}),)}))
-    )
+    goldens = {**recording.goldens, name: wrong}
+    lock_path.write_text(render_lock(lock.with_recording(recording.model_copy(update={"goldens": goldens}))))
     failed = cli("verify", "--certificate", "failed.json", cwd=certified)
     assert failed.code == 1
     registry = _registry(tmp_path / "community", "community")

@@ -137,10 +137,22 @@ def test_token_digest_is_fixed() -> None:
 
 
 def test_recording_uses_kebab_case_identity_keys() -> None:
-    recording = recording_from(identity(), {"os": "Linux 6.8", "machine": "x86_64", "python": "3.11.7"}, 5)
+    environment = {"os": "Linux 6.8", "machine": "x86_64", "python": "3.11.7"}
+    recording = recording_from(identity(), environment, 5, {"capital": GOLDEN}, backend="cuda")
     assert recording.engine["system-info"] == "CPU : AVX2 = 1 |"
     assert recording.engine["devices"] == ("CPU: AMD EPYC",)
     assert recording.top_k == 5
+    assert recording.goldens == {"capital": GOLDEN}
+    # Named by where it ran: the backend the engine reports, not the lock's kind.
+    assert recording.id == f"llama-cpp-python-{identity().version}-cpu"
+
+
+def test_a_served_engine_recording_is_named_by_the_locked_backend_kind() -> None:
+    served = identity().model_copy(
+        update={"name": "llama-server", "version": "b11434", "backend": "not reported"}
+    )
+    recording = recording_from(served, {}, 5, {}, backend="cuda")
+    assert recording.id == "llama-server-b11434-cuda"
 
 
 def test_first_difference() -> None:

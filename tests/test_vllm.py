@@ -222,9 +222,9 @@ def test_the_lock_pins_the_version_the_model_and_what_cannot_be_observed(recorde
     assert lock.sampler.origin["frequency-penalty"] == "engine-default"
     assert lock.sampler.repeat_penalty is None
     assert lock.sampler.origin["repeat-penalty"] == "unknown"
-    assert all(pin.golden is not None for pin in lock.smoke)
-    assert lock.recording is not None
-    assert lock.recording.engine["name"] == "vllm"
+    (recording,) = lock.recordings
+    assert set(recording.goldens) == {pin.name for pin in lock.smoke}
+    assert recording.engine["name"] == "vllm"
 
 
 def test_record_sends_token_id_prompts_with_every_sampler_value(project: Path, cli: Cli) -> None:

@@ -110,6 +110,14 @@ EndpointOption = Annotated[
         "--endpoint", help="A served engine's URL, e.g. http://127.0.0.1:8080 (overrides engine.endpoint)."
     ),
 ]
+EngineOption = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Run the locked stack on this engine instead of the lock's (e.g. llama-server with --endpoint): "
+        "its own recording.",
+    ),
+]
 
 
 @app.command()
@@ -230,8 +238,7 @@ def _lock_once(
     for finding in new.findings:
         allowed = " (allowed)" if finding.rule in accepted else ""
         _note(f"{finding.severity.value}: {finding.rule}: {finding.title}{allowed}")
-    kept_goldens = previous is not None and any(s.golden for s in previous.smoke)
-    if kept_goldens and not any(s.golden for s in new.smoke):
+    if previous is not None and previous.recordings and not new.recordings:
         _note("note: the stack changed, so the recorded goldens were dropped; run `stacklock record`")
     _note(f"{'wrote' if changed else 'unchanged:'} {lock_path}")
 
@@ -259,25 +266,33 @@ def record(
         bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
     ] = False,
     endpoint: EndpointOption = None,
+    engine: EngineOption = None,
 ) -> None:
-    """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
+    """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock.
+
+    The recording for where it runs (engine, version, backend) is added or replaced; the others are kept.
+    """
     from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
     from stacklock.verify.compare import expectation_failure  # noqa: PLC0415
     from stacklock.verify.session import record as record_goldens  # noqa: PLC0415
 
     lock_path = _lock_path(manifest)
     with cli_reporter() as reporter:
-        recorded = record_goldens(
-            lock_path, top_k=top_k, reporter=reporter, offline=offline, endpoint=endpoint
+        recorded, recording = record_goldens(
+            lock_path, top_k=top_k, reporter=reporter, offline=offline, endpoint=endpoint, engine=engine
         )
     for pin in recorded.smoke:
-        assert pin.golden is not None
-        _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
-        failure = expectation_failure(pin.expect, pin.golden.text)
+        golden = recording.goldens[pin.name]
+        _note(f"recorded {pin.name}: {len(golden.tokens)} token(s), {golden.text!r}")
+        failure = expectation_failure(pin.expect, golden.text)
         if failure is not None:
             # The golden is what the stack does; an expectation it misses will fail every verify.
             _note(f"warning: smoke '{pin.name}': {failure}; fix the prompt or the expectation and re-record")
-    _note(f"wrote goldens to {lock_path}; commit it, then run `stacklock verify` in CI")
+    others = [r.id for r in recorded.recordings if r.id != recording.id]
+    kept = f" (kept: {', '.join(others)})" if others else ""
+    _note(
+        f"wrote the recording {recording.id} to {lock_path}{kept}; commit it, then run `stacklock verify` in CI"
+    )
 
 
 class VerifyFormat(enum.StrEnum):
@@ -306,6 +321,15 @@ def verify(
         bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
     ] = False,
     endpoint: EndpointOption = None,
+    engine: EngineOption = None,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            help="Compare with this recording (its id, e.g. llama-cpp-python-0.3.36-cpu) instead of the one "
+            "made where verify runs; notes the largest logprob drift and near-tie flips.",
+        ),
+    ] = None,
     summary: Annotated[
         Path | None,
         typer.Option(
@@ -337,7 +361,13 @@ def verify(
     with cli_reporter() as reporter:
         margin = None if tolerance is None else Tolerance(margin=tolerance)
         report = verify_stack(
-            lock_path, tolerance=margin, reporter=reporter, offline=offline, endpoint=endpoint
+            lock_path,
+            tolerance=margin,
+            reporter=reporter,
+            offline=offline,
+            endpoint=endpoint,
+            engine=engine,
+            against=against,
         )
     _echo(render(report, fmt.value).rstrip("\n"))
     if summary is not None:

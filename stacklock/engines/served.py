@@ -132,7 +132,8 @@ def served_engine(
         if override is not None:
             raise UsageError(
                 f"--endpoint is for served engines; {name} runs in process",
-                hint="drop --endpoint, or set engine.name to a served engine (llama-server, ollama, vllm...)",
+                hint="drop --endpoint, add --engine NAME to run the locked stack on a served engine "
+                "(llama-server...), or set engine.name to one",
             )
         return None
     return open_served(name, override or endpoint, api_key_env, model)

@@ -171,8 +171,7 @@ def swap(good: Lock, bad: Lock, links: Sequence[str]) -> Lock:
         update["backend"] = good.backend.model_copy(update=backend)
     if sampler:
         update["sampler"] = good.sampler.model_copy(update=sampler)
-    smoke = tuple(s.model_copy(update={"golden": None}) for s in good.smoke)
-    return good.model_copy(update={**update, "smoke": smoke, "recording": None})
+    return good.model_copy(update=update).without_goldens()
 
 
 def mark_unswappable(links: Sequence[Link], bad: Lock) -> tuple[Link, ...]:

@@ -83,10 +83,11 @@ def lock_stack(
 
 
 def merge_goldens(new: Lock, previous: Lock | None) -> Lock:
-    """Keep recorded goldens across a re-lock when every pin is unchanged; they no longer apply otherwise."""
+    """Keep every recording across a re-lock when the pins that change output are unchanged; they no longer
+    apply otherwise."""
     if previous is None or previous.behaviour() != new.behaviour():
         return new
-    return new.model_copy(update={"smoke": previous.smoke, "recording": previous.recording})
+    return new.model_copy(update={"recordings": previous.recordings})
 
 
 #: The links whose hub sources resolve branches and tags to commits.

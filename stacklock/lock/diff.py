@@ -10,12 +10,20 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 
 from stacklock.model.base import Model
-from stacklock.model.lock import Lock, ModelPin, SmokePin, TemplatePin, pin_metadata_value
+from stacklock.model.lock import (
+    Lock,
+    ModelPin,
+    Recording,
+    SmokeGolden,
+    SmokePin,
+    TemplatePin,
+    pin_metadata_value,
+)
 
 __all__ = [
     "Change",
@@ -26,6 +34,8 @@ __all__ = [
     "explain_model",
     "template_diff",
 ]
+
+T = TypeVar("T")
 
 #: A template diff longer than this many lines is cut; the digests still say that the texts differ.
 MAX_DIFF_LINES = 40
@@ -148,6 +158,8 @@ def diff_locks(old: Lock, new: Lock, *, old_name: str = "a", new_name: str = "b"
             links.append(_template_link(old.template, new.template))
         elif table == "smoke":
             links.append(_smoke_diff(old.smoke, new.smoke))
+        elif table == "recording":
+            links.append(_recordings_diff(old.recordings, new.recordings))
         elif table in ("findings", "allowances", "registries"):
             links.append(_keyed_diff(table, a.get(table) or [], b.get(table) or []))
         elif a.get(table) is None or b.get(table) is None:
@@ -207,23 +219,25 @@ def _keyed_diff(table: str, old: Sequence[Mapping[str, Any]], new: Sequence[Mapp
     return LinkDiff(link=table, summary=tuple(summary), changes=tuple(changes))
 
 
+def _pairs(old: Mapping[str, T], new: Mapping[str, T], summary: list[str]) -> Iterator[tuple[str, T, T]]:
+    """The entries both locks have, by name, in lock order; one only in one lock is said so in ``summary``."""
+    for name in list(old) + [n for n in new if n not in old]:
+        if name not in new or name not in old:
+            summary.append(f"{name}: only in the {_side(old.get(name))} lock")
+        else:
+            yield name, old[name], new[name]
+
+
 def _smoke_diff(old: Sequence[SmokePin], new: Sequence[SmokePin]) -> LinkDiff:
-    a = {pin.name: pin for pin in old}
-    b = {pin.name: pin for pin in new}
     summary: list[str] = []
     changes: list[Change] = []
-    for name in list(a) + [n for n in b if n not in a]:
-        if name not in b or name not in a:
-            summary.append(f"{name}: only in the {_side(a.get(name))} lock")
-            continue
-        x, y = a[name], b[name]
+    for name, x, y in _pairs({pin.name: pin for pin in old}, {pin.name: pin for pin in new}, summary):
         if x == y:
             continue
         if x.rendered_sha256 != y.rendered_sha256:
             summary.append(f"{name}: the rendered prompt changed" + _first_char(x.rendered, y.rendered))
-        summary.extend(f"{name}: {line}" for line in _golden_lines(x, y))
-        dump_a = x.model_dump(mode="json", by_alias=True, exclude={"golden", "rendered"})
-        dump_b = y.model_dump(mode="json", by_alias=True, exclude={"golden", "rendered"})
+        dump_a = x.model_dump(mode="json", by_alias=True, exclude={"rendered"})
+        dump_b = y.model_dump(mode="json", by_alias=True, exclude={"rendered"})
         changes.extend(_changes(f"smoke.{name}", dump_a, dump_b))
     return LinkDiff(link="smoke", summary=tuple(summary), changes=tuple(changes))
 
@@ -237,8 +251,23 @@ def _first_char(old: str | None, new: str | None) -> str:
     return f" at character {index}: {old[index : index + 20]!r} → {new[index : index + 20]!r}"
 
 
-def _golden_lines(old: SmokePin, new: SmokePin) -> Iterator[str]:
-    x, y = old.golden, new.golden
+def _recordings_diff(old: Sequence[Recording], new: Sequence[Recording]) -> LinkDiff:
+    """Recordings by id: one only in one lock, else what differs in where it was made and in each golden."""
+    summary: list[str] = []
+    changes: list[Change] = []
+    for name, x, y in _pairs({r.id: r for r in old}, {r.id: r for r in new}, summary):
+        for smoke in list(x.goldens) + [n for n in y.goldens if n not in x.goldens]:
+            summary.extend(
+                f"{name} {smoke}: {line}"
+                for line in _golden_lines(x.goldens.get(smoke), y.goldens.get(smoke))
+            )
+        dump_a = x.model_dump(mode="json", by_alias=True, exclude={"goldens"})
+        dump_b = y.model_dump(mode="json", by_alias=True, exclude={"goldens"})
+        changes.extend(_changes(f"recording.{name}", dump_a, dump_b))
+    return LinkDiff(link="recording", summary=tuple(summary), changes=tuple(changes))
+
+
+def _golden_lines(x: SmokeGolden | None, y: SmokeGolden | None) -> Iterator[str]:
     if x == y:
         return
     if x is None or y is None:

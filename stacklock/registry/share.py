@@ -34,7 +34,7 @@ def validate_stack(
     """
     parse_manifest(manifest_text, manifest_origin)
     lock = parse_lock(lock_text, lock_origin)
-    if not any(pin.golden for pin in lock.smoke):
+    if not lock.recordings:
         raise RegistryError(
             f"{lock_origin}: no goldens recorded",
             hint="run `stacklock record`, then `stacklock verify --certificate FILE`",

@@ -81,6 +81,8 @@ def render_text(report: VerifyReport) -> str:
         engine = report.engine
         build = f", build {engine.build}" if engine.build else ""
         lines.append(f"engine: {engine.name} {engine.version}{build} on {engine.backend} ({engine.cpu})")
+    if report.recording is not None:
+        lines.append(f"recording: {report.recording}")
     lines.extend(f"note: {note}" for note in report.notes)
     if lines:
         lines.append("")
@@ -115,8 +117,10 @@ def render_junit(report: VerifyReport, *, suite: str = "stacklock verify") -> st
         errors="0",
         skipped=str(sum(1 for _, stage in cases if stage.status in {"skip", "not-checked"})),
     )
-    if report.engine is not None or report.notes:
+    if report.engine is not None or report.notes or report.recording is not None:
         properties = ET.SubElement(testsuite, "properties")
+        if report.recording is not None:
+            ET.SubElement(properties, "property", name="recording", value=report.recording)
         if report.engine is not None:
             for key, value in report.engine.model_dump(by_alias=True).items():
                 text = ", ".join(value) if isinstance(value, tuple) else str(value)
@@ -149,6 +153,8 @@ def render_markdown(report: VerifyReport, *, title: str = "stacklock verify") ->
         engine = report.engine
         build = f", build `{engine.build}`" if engine.build else ""
         lines += [f"Engine: `{engine.name}` {engine.version}{build} on {engine.backend} ({engine.cpu})", ""]
+    if report.recording is not None:
+        lines += [f"Recording: `{report.recording}`", ""]
     lines += ["| smoke prompt | result | stage | detail |", "|---|---|---|---|"]
     for result in report.results:
         row: tuple[str, str, str]

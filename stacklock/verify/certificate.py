@@ -29,10 +29,19 @@ def certificate(lock_text: str, lock: Lock, report: VerifyReport) -> dict[str, A
         "tokenizer-sha256": lock.tokenizer.sha256,
         "engine": report.engine.model_dump(mode="json", by_alias=True) if report.engine else None,
         "environment": current_environment().model_dump(mode="json", by_alias=True),
-        "recorded-on": lock.recording.model_dump(mode="json", by_alias=True) if lock.recording else None,
+        "recorded-on": _recorded_on(lock, report.recording),
         "results": [r.model_dump(mode="json", by_alias=True) for r in report.results],
         "notes": list(report.notes),
     }
+
+
+def _recorded_on(lock: Lock, name: str | None) -> dict[str, Any] | None:
+    """The recording the run was compared with: its id, engine, machine and top-k (its goldens are in the lock,
+    whose sha256 the certificate pins)."""
+    recording = lock.recording(name) if name is not None else None
+    if recording is None:
+        return None
+    return recording.model_dump(mode="json", by_alias=True, exclude={"goldens"})
 
 
 def render_certificate(data: Mapping[str, Any]) -> str:

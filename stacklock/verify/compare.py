@@ -21,7 +21,8 @@ from pydantic import Field
 from stacklock.engines.base import EngineIdentity, Generation, Observation, StopReason, sha256_tokens
 from stacklock.files.digest import sha256_text
 from stacklock.model.base import Model
-from stacklock.model.lock import Recording, SmokeGolden
+from stacklock.model.lock import Recording, SmokeGolden, recording_id
+from stacklock.model.manifest import BackendKind
 from stacklock.model.pattern import PatternTimeoutError, compile_pattern, search_pattern
 
 if TYPE_CHECKING:
@@ -50,10 +51,12 @@ __all__ = [
     "first_difference",
     "golden_from_observation",
     "is_certified",
+    "logprob_drift",
     "recording_from",
     "round_logprob",
     "skipped",
     "smoke_result",
+    "where_it_runs",
 ]
 
 Stage = Literal["artifacts", "template", "tokenization", "generation", "output"]
@@ -142,6 +145,9 @@ class VerifyReport(Model):
     )
     engine: EngineIdentity | None = Field(default=None, description="The engine observed now.")
     tolerance: Tolerance | None = Field(default=None, description="The tolerance in force, if any.")
+    recording: str | None = Field(
+        default=None, description="The id of the recording compared against (null: the lock has none)."
+    )
     notes: tuple[str, ...] = Field(
         default=(), description="How the engine and machine differ from the recording's."
     )
@@ -172,14 +178,35 @@ def golden_from_observation(observation: Observation) -> SmokeGolden:
     )
 
 
-def recording_from(engine: EngineIdentity, environment: Mapping[str, str], top_k: int) -> Recording:
-    """Where and how goldens were recorded, in the lock's shape."""
+def recording_from(
+    engine: EngineIdentity,
+    environment: Mapping[str, str],
+    top_k: int,
+    goldens: Mapping[str, SmokeGolden],
+    *,
+    backend: str,
+) -> Recording:
+    """The goldens, where and how they were recorded, in the lock's shape.
+
+    ``backend`` is the lock's backend kind, which names where it ran when the engine does not report it.
+    """
     return Recording(
+        id=recording_id(engine.name, engine.version, where_it_runs(engine, backend)),
         # TOML has no null: what the engine does not report (a build, a ggml version) is left out.
         engine=engine.model_dump(by_alias=True, exclude_none=True),
         environment=dict(environment),
         top_k=top_k,
+        goldens=dict(goldens),
     )
+
+
+def where_it_runs(engine: EngineIdentity, backend: str) -> str:
+    """The backend an engine runs on: the one it reports (ggml names it CUDA, Metal...), else the lock's kind.
+
+    A served engine reports none over HTTP; the lock's backend kind is where its server was started.
+    """
+    reported = engine.backend.lower()
+    return reported if reported in {kind.value for kind in BackendKind} else backend
 
 
 # Helpers ----------------------------------------------------------------------------------------------------
@@ -564,6 +591,13 @@ def _max_drift(recorded: Sequence[Sequence[tuple[int, float]]], observed: Genera
     return drift
 
 
+def logprob_drift(golden: SmokeGolden, observed: Generation) -> float:
+    """The largest logprob drift up to the first differing token (after it the two runs saw other contexts)."""
+    index = first_difference(golden.tokens, observed.tokens)
+    end = len(golden.top_logprobs) if index is None else index + 1
+    return _max_drift(golden.top_logprobs[:end], observed)
+
+
 def expectation_failure(expectation: Expectation | None, text: str) -> str | None:
     if expectation is None:
         return None
@@ -753,6 +787,7 @@ def build_report(
     engine: EngineIdentity | None = None,
     recorded_engine: Mapping[str, object] | None = None,
     tolerance: Tolerance | None = None,
+    recording: str | None = None,
 ) -> VerifyReport:
     """The verify report: reproduced when every smoke prompt was compared stage by stage and none failed."""
     notes = engine_differences(recorded_engine, engine) if engine is not None and recorded_engine else ()
@@ -769,5 +804,6 @@ def build_report(
         not_checked=tuple(f"{stage}: {detail}" for stage, detail in unchecked.items()),
         engine=engine,
         tolerance=tolerance,
+        recording=recording,
         notes=notes,
     )

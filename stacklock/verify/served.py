@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from stacklock.engines.base import Capabilities, Generation, LoadedModel
     from stacklock.engines.runner import RenderedSmoke
     from stacklock.engines.served import ServedEngine
-    from stacklock.model.lock import Lock, SmokePin
+    from stacklock.model.lock import Lock, SmokeGolden, SmokePin
 
 __all__ = ["ANOTHER_MODEL", "hide_unobservable", "run_served", "served_artifacts", "unobservable_stages"]
 
@@ -64,9 +64,15 @@ class _Pieces(Mapping[int, str]):
 
 @contextmanager
 def run_served(
-    lock: Lock, engine: ServedEngine, prompts: Sequence[RenderedSmoke], *, top_k: int, from_golden: bool
+    lock: Lock,
+    engine: ServedEngine,
+    prompts: Sequence[RenderedSmoke],
+    *,
+    top_k: int,
+    goldens: Mapping[str, SmokeGolden],
 ) -> Iterator[EngineRun]:
-    """Observe every prompt on the served engine; with ``from_golden``, through the engine's own chat path.
+    """Observe every prompt on the served engine; a prompt with a golden (verify), through the engine's own
+    chat path, generating from the golden's prompt tokens.
 
     The connection stays open while the caller compares, so that the pieces a report shows are decoded then.
     """
@@ -78,7 +84,7 @@ def run_served(
         pins = {pin.name: pin for pin in lock.smoke}
         for prompt in prompts:
             pin = pins[prompt.name]
-            golden = pin.golden if from_golden else None
+            golden = goldens.get(pin.name)
             if not caps.tokenize or not caps.token_id_prompts:
                 seen = _from_text(lock, pin, loaded, prompt, caps, top_k=top_k)
             elif golden is None or golden.prompt_tokens is None:

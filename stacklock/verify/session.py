@@ -15,8 +15,9 @@ from typing import Any
 from stacklock import errors
 from stacklock.engines.base import EngineIdentity
 from stacklock.engines.machine import current_environment, installed_engine_version
+from stacklock.engines.plugins import adapter_info, engine_names
 from stacklock.engines.runner import EngineRun, EngineSession, RenderedSmoke, run_engine
-from stacklock.engines.served import ServedEngine, check_served_version, served_engine
+from stacklock.engines.served import UNOBSERVABLE, ServedEngine, check_served_version, served_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
@@ -26,7 +27,7 @@ from stacklock.lock.load import load_template
 from stacklock.lock.project import project_lock, read_lock, read_manifest, write_lock
 from stacklock.lock.resolve import pin_model
 from stacklock.lock.smoke import effective_add_bos, render_smoke
-from stacklock.model.lock import FilePin, Lock, SmokePin
+from stacklock.model.lock import EnginePin, FilePin, Lock, Recording, SmokeGolden, SmokePin
 from stacklock.model.manifest import MANIFEST_NAME
 from stacklock.registry.fetch import resolve_registries
 from stacklock.reporter import NO_REPORTER, Reporter
@@ -48,6 +49,7 @@ from stacklock.verify.compare import (
     skipped,
     smoke_result,
 )
+from stacklock.verify.recordings import choose_recording, drift_note
 from stacklock.verify.served import (
     ANOTHER_MODEL,
     hide_unobservable,
@@ -123,16 +125,17 @@ def _require_model(lock: Lock, base: Path) -> Path:
     return path
 
 
-def rendered_smoke(lock: Lock, pin: SmokePin) -> RenderedSmoke:
-    """One smoke prompt of a lock as the engine is given it (also used by bisect and matrix)."""
+def rendered_smoke(lock: Lock, pin: SmokePin, golden: SmokeGolden | None = None) -> RenderedSmoke:
+    """One smoke prompt of a lock as the engine is given it (also used by bisect and matrix); ``golden`` is the
+    one it is compared with, whose tokens a report may name."""
     # The BOS decision is re-derived from the lock's tokenizer flags, so an edited flag shows at tokenization.
     rendered = render_smoke(pin, lock.template, lock.tokenizer)
     # A report may name the golden's tokens, BOS and EOS; a hand-edited golden may name a token the
     # vocabulary lacks, which llama.cpp aborts on, so only ids inside the vocabulary are decoded.
     wanted = {t for t in (lock.tokenizer.bos_id, lock.tokenizer.eos_id) if t is not None}
-    if pin.golden is not None:
-        wanted |= {*(pin.golden.prompt_tokens or ()), *pin.golden.tokens}
-        wanted |= {t for step in pin.golden.top_logprobs for t, _ in step}
+    if golden is not None:
+        wanted |= {*(golden.prompt_tokens or ()), *golden.tokens}
+        wanted |= {t for step in golden.top_logprobs for t, _ in step}
     return RenderedSmoke(
         name=pin.name,
         rendered=rendered,
@@ -201,7 +204,7 @@ def _observe(
     )
 
 
-def record_lock(
+def recording_of(
     lock: Lock,
     base: Path,
     *,
@@ -210,21 +213,22 @@ def record_lock(
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
     endpoint: str | None = None,
-) -> Lock:
-    """Run every smoke prompt of ``lock`` and return it with the goldens stored; nothing is written.
+    engine: str | None = None,
+) -> Recording:
+    """Run every smoke prompt of ``lock`` and return the recording: the goldens and where they were made.
 
     ``base`` is the directory relative model paths are read from. ``session`` is an engine session already
     holding the locked model on the locked backend (a matrix or a bisection shares one); without it one is
     started for this call. ``reporter`` is told what stacklock and the engine are doing. Hub files missing from
     the hub cache are downloaded at their locked commit, unless ``offline``. A served engine is reached at
-    ``endpoint`` (``--endpoint``) or the locked one.
+    ``endpoint`` (``--endpoint``) or the locked one. ``engine`` (``--engine``) runs the stack on another
+    engine than the lock's (see :func:`on_engine`).
     """
-    check_engine(lock)
     if not lock.smoke:
         raise errors.LockError(
             f"stack '{lock.stack.name}': no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
-    served = _served(lock, endpoint)
+    lock, served = on_engine(lock, engine, endpoint)
     if served is None:
         artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     else:
@@ -236,16 +240,23 @@ def record_lock(
         model_path = _require_model(lock, base)
         run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
     else:
-        with run_served(lock, served, prompts, top_k=top_k, from_golden=False) as run:
+        with run_served(lock, served, prompts, top_k=top_k, goldens={}) as run:
             pass
-    smoke = tuple(
-        pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
-        for pin in lock.smoke
-    )
+    goldens = {pin.name: golden_from_observation(run.observations[pin.name]) for pin in lock.smoke}
     environment = current_environment().model_dump(mode="json", by_alias=True)
-    return lock.model_copy(
-        update={"smoke": smoke, "recording": recording_from(run.identity, environment, top_k)}
-    )
+    return recording_from(run.identity, environment, top_k, goldens, backend=str(lock.backend.kind))
+
+
+def record_lock(
+    lock: Lock,
+    base: Path,
+    *,
+    session: EngineSession | None = None,
+    reporter: Reporter = NO_REPORTER,
+    engine: str | None = None,
+) -> Lock:
+    """:func:`recording_of` added to ``lock`` (replacing the one made where it ran); nothing is written."""
+    return lock.with_recording(recording_of(lock, base, session=session, reporter=reporter, engine=engine))
 
 
 def record(
@@ -255,20 +266,47 @@ def record(
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
     endpoint: str | None = None,
-) -> Lock:
-    """Run every smoke prompt of the lock file and store the goldens in it (written atomically, one run at a
-    time)."""
+    engine: str | None = None,
+) -> tuple[Lock, Recording]:
+    """Run every smoke prompt of the lock file and store the recording in it, replacing the one made where it
+    ran and keeping the others (written atomically, one run at a time)."""
     with project_lock(lock_path):
-        recorded = record_lock(
-            read_lock(lock_path),
+        lock = read_lock(lock_path)
+        recording = recording_of(
+            lock,
             lock_path.parent,
             top_k=top_k,
             reporter=reporter,
             offline=offline,
             endpoint=endpoint,
+            engine=engine,
         )
+        recorded = lock.with_recording(recording)
         write_lock(lock_path, recorded)
-    return recorded
+    return recorded, recording
+
+
+def on_engine(lock: Lock, engine: str | None, endpoint: str | None) -> tuple[Lock, ServedEngine | None]:
+    """The lock as it runs here, with its served engine (None: in process).
+
+    On the lock's own engine, the installed or served version must be the locked one. ``engine`` runs the same
+    stack (model, template, backend, sampler) on another engine, to record or verify it there: nothing pins
+    that engine's version, so its recording names the version that ran.
+    """
+    if engine is None or engine == lock.engine.name:
+        check_engine(lock)
+        return lock, _served(lock, endpoint)
+    if adapter_info(engine) is None:
+        raise errors.UsageError(
+            f"--engine {engine}: no such engine adapter is installed",
+            hint=f"name one of: {', '.join(engine_names())}",
+        )
+    served = served_engine(engine, None, None, override=endpoint)
+    version = served.identity().version if served is not None else installed_engine_version(engine)
+    if version is None:
+        raise EngineError(f"--engine {engine}: the engine is not installed", hint=f"pip install {engine}")
+    pin = EnginePin(name=engine, requirement=f"=={version}", version=version)
+    return lock.model_copy(update={"engine": pin}), served
 
 
 def _served(lock: Lock, endpoint: str | None) -> ServedEngine | None:
@@ -363,22 +401,34 @@ def verify_lock(
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
     endpoint: str | None = None,
+    engine: str | None = None,
+    against: str | None = None,
 ) -> VerifyReport:
-    """Re-run every smoke prompt of ``lock`` and compare each stage with its goldens.
+    """Re-run every smoke prompt of ``lock`` and compare each stage with the goldens of one recording.
 
-    ``base``, ``session``, ``reporter`` and ``offline`` are as for :func:`record_lock`. ``manifest_path`` names the manifest
-    whose template source is re-read when the locked template text was edited (to show the first changed
-    character); without it that explanation is left out. A served engine is verified through its own chat
-    path at ``endpoint`` or the locked one (see :mod:`stacklock.verify.served`).
+    ``base``, ``session``, ``reporter``, ``offline`` and ``engine`` are as for :func:`recording_of`.
+    ``manifest_path`` names the manifest whose template source is re-read when the locked template text was
+    edited (to show the first changed character); without it that explanation is left out. A served engine is
+    verified through its own chat path at ``endpoint`` or the locked one (see :mod:`stacklock.verify.served`).
+    The recording compared with is the one made where verify runs, or ``against`` (its id): then the report
+    notes the largest logprob drift and the near-tie flips.
     """
     if not lock.smoke:
         raise errors.LockError(
             f"stack '{lock.stack.name}': no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
-    check_engine(lock)
-    served = _served(lock, endpoint)
+    lock, served = on_engine(lock, engine, endpoint)
+    recording = choose_recording(
+        lock,
+        engine=lock.engine.name,
+        # A served engine's recording is named by the version it reports (or "unverified"), as at record time.
+        version=served.identity().version if served is not None else lock.engine.version,
+        backend=str(lock.backend.kind),
+        against=against,
+    )
+    compared = _Compared(recording, tolerance, drift=against is not None)
     if served is not None:
-        return _verify_served(lock, served, tolerance)
+        return _verify_served(lock, served, compared)
     artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     present = all(path is not None for path in model_files(lock, base).values())
     if artifacts.status != "pass" and present:
@@ -386,7 +436,8 @@ def verify_lock(
         # a missing one still stops below, as an engine that cannot run (exit 3).
         reason = "the locked files differ"
         stages = [artifacts, *(skipped(stage, reason) for stage in STAGES[1:])]
-        return build_report([smoke_result(pin.name, stages) for pin in lock.smoke], tolerance=tolerance)
+        results = [smoke_result(pin.name, stages) for pin in lock.smoke]
+        return build_report(results, tolerance=tolerance, recording=compared.id)
     model_path = _require_model(lock, base)
     # Re-reading the template's source (the GGUF, a registry) only pays off when the locked text was edited.
     text = lock.template.text
@@ -394,10 +445,9 @@ def verify_lock(
         text is not None and lock.template.sha256 is not None and sha256_text(text) != lock.template.sha256
     )
     reference = _reference_template(manifest_path, lock) if edited and manifest_path is not None else None
-    prompts, broken = _rendered(lock)
-    top_k = lock.recording.top_k if lock.recording else 5
-    run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
-    report = _compare(lock, run, broken, artifacts, reference, tolerance)
+    prompts, broken = _rendered(lock, compared)
+    run = _observe(lock, model_path, prompts, top_k=compared.top_k, session=session, reporter=reporter)
+    report = _compare(lock, run, broken, artifacts, reference, compared)
     notes = list(report.notes)
     if run.builtin is not None:
         fmt, _ = run.builtin
@@ -408,19 +458,33 @@ def verify_lock(
     return report.model_copy(update={"notes": tuple(notes)})
 
 
-def _rendered(lock: Lock) -> tuple[list[RenderedSmoke], dict[str, StageResult]]:
+class _Compared:
+    """What verify compares with: one recording (None: the lock has none), under a tolerance."""
+
+    def __init__(self, recording: Recording | None, tolerance: Tolerance | None, *, drift: bool) -> None:
+        self.recording = recording
+        self.tolerance = tolerance
+        #: Whether to note the drift from the recording: it was made elsewhere (--against).
+        self.drift = drift
+        self.id = recording.id if recording is not None else None
+        self.top_k = recording.top_k if recording is not None else 5
+        self.goldens: Mapping[str, SmokeGolden] = recording.goldens if recording is not None else {}
+        self.engine = recording.engine if recording is not None else None
+
+
+def _rendered(lock: Lock, compared: _Compared) -> tuple[list[RenderedSmoke], dict[str, StageResult]]:
     """Every smoke prompt rendered; a template that no longer renders fails that prompt's template stage."""
     prompts: list[RenderedSmoke] = []
     broken: dict[str, StageResult] = {}
     for pin in lock.smoke:
         try:
-            prompts.append(rendered_smoke(lock, pin))
+            prompts.append(rendered_smoke(lock, pin, compared.goldens.get(pin.name)))
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
     return prompts, broken
 
 
-def _verify_served(lock: Lock, served: ServedEngine, tolerance: Tolerance | None) -> VerifyReport:
+def _verify_served(lock: Lock, served: ServedEngine, compared: _Compared) -> VerifyReport:
     """Verify through the served engine's own chat path (see :mod:`stacklock.verify.served`)."""
     artifacts = served_artifacts(lock, served)
     if artifacts.detail.startswith(ANOTHER_MODEL):
@@ -428,17 +492,20 @@ def _verify_served(lock: Lock, served: ServedEngine, tolerance: Tolerance | None
         # ids beyond its vocabulary are refused): the stack is wrong at its first link.
         stages = [artifacts, *(skipped(stage, ANOTHER_MODEL) for stage in STAGES[1:])]
         results = [smoke_result(pin.name, stages) for pin in lock.smoke]
-        return build_report(results, engine=served.identity(), recorded_engine=None, tolerance=tolerance)
-    prompts, broken = _rendered(lock)
-    top_k = lock.recording.top_k if lock.recording else 5
+        return build_report(
+            results, engine=served.identity(), tolerance=compared.tolerance, recording=compared.id
+        )
+    prompts, broken = _rendered(lock, compared)
     hidden = unobservable_stages(lock.engine.name, served.capabilities())
-    with run_served(lock, served, prompts, top_k=top_k, from_golden=True) as run:
-        report = _compare(lock, run, broken, artifacts, None, tolerance, hidden=hidden)
+    with run_served(lock, served, prompts, top_k=compared.top_k, goldens=compared.goldens) as run:
+        report = _compare(lock, run, broken, artifacts, None, compared, hidden=hidden)
     notes = list(report.notes)
-    if lock.engine.served is not None and lock.engine.served.unobservable:
+    # A server run with --engine has no served pin: what no endpoint reports is the same list.
+    unobservable = lock.engine.served.unobservable if lock.engine.served is not None else UNOBSERVABLE
+    if unobservable:
         notes.append(
             f"not checked (no {lock.engine.name} endpoint reports them): "
-            f"{', '.join(lock.engine.served.unobservable)}; pin them where the server is started"
+            f"{', '.join(unobservable)}; pin them where the server is started"
         )
     return report.model_copy(update={"notes": tuple(notes)})
 
@@ -449,12 +516,12 @@ def _compare(
     broken: Mapping[str, StageResult],
     artifacts: StageResult,
     reference: str | None,
-    tolerance: Tolerance | None,
+    compared: _Compared,
     *,
     hidden: Mapping[Stage, str] | None = None,
 ) -> VerifyReport:
-    """Each smoke prompt's stages: the engine's observations against the goldens; the ``hidden`` stages (which
-    a served engine does not let stacklock observe) are reported as not checked."""
+    """Each smoke prompt's stages: the engine's observations against the recording's goldens; the ``hidden``
+    stages (which a served engine does not let stacklock observe) are reported as not checked."""
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
@@ -466,7 +533,7 @@ def _compare(
         results.append(
             compare_smoke(
                 pin.name,
-                pin.golden,
+                compared.goldens.get(pin.name),
                 run.observations[pin.name],
                 rendered_sha256=pin.rendered_sha256,
                 artifacts=artifacts,
@@ -477,14 +544,23 @@ def _compare(
                 reference_template=reference,
                 expected_rendered=pin.rendered,
                 expectation=pin.expect,
-                tolerance=tolerance,
+                tolerance=compared.tolerance,
                 decode=_decoder(run.decoded),
             )
         )
     if hidden:
         results = hide_unobservable(lock, results, hidden)
-    recorded = lock.recording.engine if lock.recording else None
-    return build_report(results, engine=run.identity, recorded_engine=recorded, tolerance=tolerance)
+    report = build_report(
+        results,
+        engine=run.identity,
+        recorded_engine=compared.engine,
+        tolerance=compared.tolerance,
+        recording=compared.id,
+    )
+    if compared.recording is None or not compared.drift:
+        return report
+    note = drift_note(compared.recording, run.observations, results)
+    return report.model_copy(update={"notes": (note, *report.notes)})
 
 
 def verify(
@@ -494,8 +570,10 @@ def verify(
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
     endpoint: str | None = None,
+    engine: str | None = None,
+    against: str | None = None,
 ) -> VerifyReport:
-    """Re-run every smoke prompt of the lock file and compare each stage with the goldens."""
+    """Re-run every smoke prompt of the lock file and compare each stage with a recording's goldens."""
     return verify_lock(
         read_lock(lock_path),
         lock_path.parent,
@@ -504,6 +582,8 @@ def verify(
         reporter=reporter,
         offline=offline,
         endpoint=endpoint,
+        engine=engine,
+        against=against,
     )
 
 

@@ -82,14 +82,14 @@ def recorded(project: Path, cli: Cli) -> Path:
 
 def test_record_stores_what_the_fake_engine_generates(recorded: Path) -> None:
     lock = read_lock(recorded / "llmstack.lock")
-    raw = next(pin for pin in lock.smoke if pin.name == "raw")
-    assert raw.golden is not None
+    (recording,) = lock.recordings
+    raw = recording.goldens["raw"]
     # The fake engine's rule, worked out by hand for "Once upon a time" with a BOS: 12 letters, then EOS.
-    assert raw.golden.text == "ra cplguycpl"
-    assert raw.golden.tokens[-1] == 2
-    assert len(raw.golden.tokens) == 13
+    assert raw.text == "ra cplguycpl"
+    assert raw.tokens[-1] == 2
+    assert len(raw.tokens) == 13
     # Its first step: the chosen letter, then its neighbours one nat apart, the lower id first on a tie.
-    first = raw.golden.top_logprobs[0]
+    first = raw.top_logprobs[0]
     assert [token for token, _ in first] == [ord(c) + 3 for c in "rqspt"]
     assert [round(b - a, 3) for (_, a), (_, b) in itertools.pairwise(first)] == [
         -1.0,
@@ -97,11 +97,11 @@ def test_record_stores_what_the_fake_engine_generates(recorded: Path) -> None:
         -1.0,
         0.0,
     ]
-    assert lock.recording is not None
-    assert lock.recording.engine["name"] == "fake"
-    assert lock.recording.engine["version"] == "0"
+    assert recording.id == "fake-0-cpu"
+    assert recording.engine["name"] == "fake"
+    assert recording.engine["version"] == "0"
     # What the fake engine does not report (its build) is left out, not written as an empty value.
-    assert "build" not in lock.recording.engine
+    assert "build" not in recording.engine
 
 
 def test_record_then_verify_reproduces(recorded: Path, cli: Cli) -> None:
@@ -172,7 +172,7 @@ def test_an_engine_failure_is_exit_3_with_one_line(
     assert last.startswith(says), result.err
     assert not any(line.startswith("error:") or "Traceback" in line for line in steps), result.err
     # A failed record leaves the lock without goldens.
-    assert all(pin.golden is None for pin in read_lock(project / "llmstack.lock").smoke)
+    assert not read_lock(project / "llmstack.lock").recordings
 
 
 def test_a_bad_timeout_setting_is_a_usage_error(
@@ -217,13 +217,13 @@ def test_one_session_records_and_verifies_locks_that_share_model_engine_and_back
         pid = session._process.pid
         assert session._process.is_alive()
     assert all(report.reproduced for report in reports)
-    texts = [next(p for p in r.smoke if p.name == "raw").golden for r in recorded]
+    texts = [r.recordings[0].goldens["raw"] for r in recorded]
     assert all(t is not None for t in texts)
     # Different samplers really ran: greedy and two seeds give three different outputs.
     assert len({t.text for t in texts if t is not None}) == 3
     # The same lock on a separate session gives the same goldens: the session carries no state between prompts.
     alone = record_lock(locks[2], project)
-    assert alone.smoke == recorded[2].smoke
+    assert alone.recordings[0].goldens == recorded[2].recordings[0].goldens
     assert pid is not None
 
 

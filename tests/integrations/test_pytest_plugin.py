@@ -57,7 +57,7 @@ def recorded(tmp_path: Path, cli: Callable[..., Result]) -> Path:
 def _break_golden(lock: Path, name: str) -> None:
     """Change the first generated token of one smoke prompt's golden, as a drifted engine would."""
     text = lock.read_text(encoding="utf-8")
-    start = text.index(f'name = "{name}"')
+    start = text.index(f"[recording.goldens.{name}]")
     tokens_at = text.index("\ntokens = [", start) + len("\ntokens = [")
     end = text.index(",", tokens_at) if text[tokens_at] != "\n" else text.index(",", tokens_at + 1)
     first = text[tokens_at:end].strip()
