@@ -11,8 +11,8 @@ The key is everything the command reads, and the cache is skipped wherever that 
 - the command line, the working directory, the interpreter, the whole environment (hashed, never stored: it
   may hold secrets), and whether stdout and stderr are terminals (and their size);
 - stacklock itself (every file of the package by identity, the bundled registry by content) and the installed
-  packages (each ``sys.path`` directory by identity: installing, upgrading or removing a package changes it,
-  and with it the engine's version and the adapters' entry points);
+  distributions (each metadata directory on ``sys.path`` by name and identity: installing, upgrading or
+  removing a package changes them, and with them the engine's version and the adapters' entry points);
 - the user's configuration (allowed paths), the manifest and the lock by content, every ``file:`` source and
   every local registry directory by content;
 - the hash and header caches (a run that fills them prints a step that the next run does not);
@@ -53,6 +53,7 @@ REPLAYED_CODES: Final = frozenset({0, 1})
 """Verdicts (fresh or stale, ok or findings); errors are not recorded, they may be passing ones."""
 _VOLATILE_ENV: Final = frozenset({"OLDPWD", "_"})
 """Set by the shell on every `cd` or command; stacklock reads neither."""
+_DISTRIBUTION_FILES: Final = (".dist-info", ".egg-info", ".egg-link", ".pth")
 _PACKAGE: Final = Path(__file__).resolve().parent.parent
 _LOCK_COMMANDS: Final = frozenset({"lock", "check"})
 
@@ -269,7 +270,7 @@ def _inputs(command: Command) -> tuple[dict[str, Any], dict[str, Identity | None
         "python": [sys.executable, sys.version],
         "environment": _digest(sorted((k, v) for k, v in os.environ.items() if k not in _VOLATILE_ENV)),
         "terminal": _terminal(),
-        "installed": _digest([[p, _stat(Path(p))] for p in sys.path if p and Path(p).is_dir()]),
+        "installed": _installed(),
         "config": _content(config_path()),
         # A run that fills the hash or header cache prints a step ("hashing ...") that the next one does not.
         "caches": [
@@ -296,7 +297,7 @@ def _stack_inputs(
         manifest_bytes, lock_bytes = manifest_path.read_bytes(), lock_path.read_bytes()
         manifest, lock = tomllib.loads(manifest_bytes.decode()), tomllib.loads(lock_bytes.decode())
         model_source = manifest["model"]["source"]
-        registries = manifest.get("registries", [])
+        registries = manifest.get("registry", [])
         parts = lock["model"].get("parts", [])
         part_paths = [str(base / p["path"]) for p in parts]
     except (OSError, ValueError, KeyError, TypeError):
@@ -305,7 +306,7 @@ def _stack_inputs(
         return None
     key |= {"manifest": _digest(manifest_bytes), "lock": _digest(lock_bytes)}
     local_files = []
-    for text in _strings({k: v for k, v in manifest.items() if k != "registries"}):
+    for text in _strings({k: v for k, v in manifest.items() if k != "registry"}):
         if "://" in text:
             return None  # A hub or registry source: its current state needs the network or the registry code.
         if text.startswith("file:"):
@@ -320,6 +321,20 @@ def _stack_inputs(
     key["registries"] = _digest(trees)
     model = base / model_source.removeprefix("file:")
     return key, {p: _identity(Path(p)) for p in [str(model), *part_paths]}
+
+
+def _installed() -> str:
+    """The distributions on ``sys.path``: their metadata directories (named with the version, replaced on every
+    install) and ``.pth`` files, by identity. Not the directories themselves: the script's and the working
+    directory change all the time."""
+    found = []
+    for entry in sys.path:
+        try:
+            names = sorted(p.name for p in Path(entry or ".").iterdir())
+        except OSError:
+            continue
+        found += [[entry, n, _stat(Path(entry, n))] for n in names if n.endswith(_DISTRIBUTION_FILES)]
+    return _digest(found)
 
 
 def _strings(value: Any) -> Iterator[str]:
