@@ -36,9 +36,8 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, NamedTuple, TextIO
 
 from stacklock.errors import StacklockError
 from stacklock.files.cache_dir import default_cache_dir
@@ -61,9 +60,8 @@ Identity = list[Any]
 """A file's resolved path, device, inode, size, mtime_ns and ctime_ns; None when it does not exist."""
 
 
-@dataclass(frozen=True)
-class Command:
-    """A command line the cache may answer."""
+class Command(NamedTuple):
+    """A command line the cache may answer (a named tuple: ``dataclasses`` costs a replay a fifth of its time)."""
 
     args: tuple[str, ...]
     name: str
