@@ -106,23 +106,23 @@ def parse_command(args: Sequence[str]) -> Command | None:
 
 def replay(command: Command) -> int | None:
     """Print the recorded output of ``command`` and return its exit code; None when there is no valid entry."""
+    inputs = _inputs(command)
+    if inputs is None:
+        return None
     try:
-        inputs = _inputs(command)
-        if inputs is None:
-            return None
         entry = json.loads(_entry_path(command).read_text(encoding="utf-8"))
         if not _matches(entry, inputs[0]):
             return None
-        events, code = entry["output"], entry["code"]
-        streams = {"out": sys.stdout, "err": sys.stderr}
-        for event in events:
-            if event[0] == "w":
-                streams[event[1]].write(event[2])
-            else:
-                streams[event[1]].flush()
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    return int(code)
+    # Validated whole before the first byte is written: a replay never stops half-way into a full run.
+    streams = {"out": sys.stdout, "err": sys.stderr}
+    for event in entry["output"]:
+        if event[0] == "w":
+            streams[event[1]].write(event[2])
+        else:
+            streams[event[1]].flush()
+    return int(entry["code"])
 
 
 def run_recorded(command: Command, run: Callable[[], None]) -> None:
@@ -263,6 +263,13 @@ def _inspected_files(gguf: Path, events: list[list[str]]) -> dict[str, Identity 
 
 def _inputs(command: Command) -> tuple[dict[str, Any], dict[str, Identity | None]] | None:
     """The command's key and its model files by identity; None when the command reads what is not keyed."""
+    try:
+        return _keyed_inputs(command)
+    except (OSError, StacklockError):  # No working directory, an unreadable tree: the full run says what.
+        return None
+
+
+def _keyed_inputs(command: Command) -> tuple[dict[str, Any], dict[str, Identity | None]] | None:
     key: dict[str, Any] = {
         "command": [str(Path.cwd()), *command.args],
         "python": [sys.executable, sys.version],
@@ -276,10 +283,7 @@ def _inputs(command: Command) -> tuple[dict[str, Any], dict[str, Identity | None
             _tree(default_cache_dir() / "headers", by_content=False),
         ],
     }
-    try:
-        key["stacklock"] = _digest([_tree(_PACKAGE, by_content=False), _tree(bundled_registry_path())])
-    except StacklockError:
-        return None
+    key["stacklock"] = _digest([_tree(_PACKAGE, by_content=False), _tree(bundled_registry_path())])
     if command.gguf is not None:
         return key, {str(command.gguf): _identity(command.gguf)}
     return _stack_inputs(command, key)
@@ -308,7 +312,9 @@ def _stack_inputs(
         if "://" in text:
             return None  # A hub or registry source: its current state needs the network or the registry code.
         if text.startswith("file:"):
-            local_files.append(_content(base / text.removeprefix("file:")))
+            path = base / text.removeprefix("file:")
+            # Where it leads too: a symlink out of the project is refused even when its target's bytes match.
+            local_files.append([os.path.realpath(path), _content(path)])
     key["sources"] = local_files
     trees = []
     for registry in registries:
@@ -397,4 +403,4 @@ def _tree(root: Path, *, by_content: bool = True) -> str:
                 entries.append([rel, "->", str(path.readlink())])
             else:
                 entries.append([rel, _content(path) if by_content else _stat(path)])
-    return _digest([str(root), entries])
+    return _digest([os.path.realpath(root), entries])
