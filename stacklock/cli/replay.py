@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
 import time
 import tomllib
@@ -48,6 +49,8 @@ FORMAT: Final = 1
 """The entry layout; an entry of another format is a miss."""
 RACY_S: Final = 2.0
 """A model file whose times are this recent when a command starts is not trusted by identity."""
+MAX_READ_BYTES: Final = 64 << 20
+"""Inputs read by content (manifest, lock, templates, registry files) larger than this are never replayed."""
 REPLAYED_CODES: Final = frozenset({0, 1})
 """Verdicts (fresh or stale, ok or findings); errors are not recorded, they may be passing ones."""
 _VOLATILE_ENV: Final = frozenset({"OLDPWD", "_"})
@@ -110,7 +113,7 @@ def replay(command: Command) -> int | None:
     if inputs is None:
         return None
     try:
-        entry = json.loads(_entry_path(command).read_text(encoding="utf-8"))
+        entry = json.loads(_read_small(_entry_path(command)) or b"null")
         if not _matches(entry, inputs[0]):
             return None
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
@@ -265,7 +268,11 @@ def _inputs(command: Command) -> tuple[dict[str, Any], dict[str, Identity | None
     """The command's key and its model files by identity; None when the command reads what is not keyed."""
     try:
         return _keyed_inputs(command)
-    except (OSError, StacklockError):  # No working directory, an unreadable tree: the full run says what.
+    except (
+        OSError,
+        StacklockError,
+        RecursionError,
+    ):  # No working directory, a hostile tree: the full run says.
         return None
 
 
@@ -296,13 +303,15 @@ def _stack_inputs(
     lock_path = manifest_path.with_name("llmstack.lock")
     base = manifest_path.parent
     try:
-        manifest_bytes, lock_bytes = manifest_path.read_bytes(), lock_path.read_bytes()
+        manifest_bytes, lock_bytes = _read_small(manifest_path), _read_small(lock_path)
+        if manifest_bytes is None or lock_bytes is None:
+            return None
         manifest, lock = tomllib.loads(manifest_bytes.decode()), tomllib.loads(lock_bytes.decode())
         model_source = manifest["model"]["source"]
         registries = manifest.get("registry", [])
         parts = lock["model"].get("parts", [])
         part_paths = [str(base / p["path"]) for p in parts]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None  # No lock (`check` then resolves the manifest), or input the command itself reports.
     if not isinstance(model_source, str) or not isinstance(registries, list):
         return None
@@ -382,10 +391,27 @@ def _identity(path: Path) -> Identity | None:
 
 
 def _content(path: Path) -> str | None:
+    data = _read_small(path)
+    return None if data is None else _digest(data)
+
+
+def _read_small(path: Path) -> bytes | None:
+    """A regular file's bytes, or None: a FIFO or a device is never opened for a blocking read, and a file
+    over :data:`MAX_READ_BYTES` is left to the full run (which bounds what it reads)."""
     try:
-        return _digest(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_READ_BYTES:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(MAX_READ_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _tree(root: Path, *, by_content: bool = True) -> str:
