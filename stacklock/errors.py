@@ -113,3 +113,7 @@ class EngineError(StacklockError):
 
 class NetworkError(EngineError):
     pass
+
+
+class NotFoundError(EngineError):
+    """A served engine answered 404: what was asked for (a model not pulled) is not there."""

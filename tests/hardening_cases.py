@@ -224,12 +224,13 @@ def _nested_toml(depth: int, name: str) -> Callable[[Path], None]:
     return setup
 
 
-def _locked(path: Path) -> Path:
-    """A locked tiny stack (locked in-process, to save a CLI start); returns the lock's path."""
+def _locked(path: Path, project: Callable[[Path], None] | None = None) -> Path:
+    """A locked stack, the tiny one unless ``project`` writes another (locked in-process, to save a CLI start);
+    returns the lock's path."""
     from stacklock.lock.api import lock_stack  # noqa: PLC0415
     from stacklock.lock.project import write_lock  # noqa: PLC0415
 
-    _project()(path)
+    (project or _project())(path)
     write_lock(path / "llmstack.lock", lock_stack(path / "llmstack.toml"))
     return path / "llmstack.lock"
 
@@ -246,10 +247,62 @@ def _edited_lock(old: str, new: str) -> Callable[[Path], None]:
     return setup
 
 
-def _golden_tokens(count: int) -> Callable[[Path], None]:
+def _large_kv_cache(path: Path) -> None:
+    """A locked stack whose context needs a 256 GiB KV cache: 2 layers of width 1024, 16M tokens, f32 cache."""
+
+    def project(path: Path) -> None:
+        _tiny(path, n_embd=1024, n_head=1, n_ff=32, file_type=1)
+        text = manifest(backend='cache-type-k = "f32"\ncache-type-v = "f32"\n')
+        (path / "llmstack.toml").write_text(text.replace("context-size = 256", "context-size = 16777216"))
+
+    _locked(path, project)
+
+
+def _nan_weights(path: Path) -> None:
+    """A locked tiny stack whose every weight is NaN (F32 tensors: the data region is NaN floats)."""
+
+    def project(path: Path) -> None:
+        from stacklock.gguf.reader import read_gguf  # noqa: PLC0415
+
+        _project()(path)
+        model = path / "tiny.gguf"
+        start = read_gguf(model).data_offset
+        data = bytearray(model.read_bytes())
+        count = (len(data) - start) // 4
+        data[start : start + 4 * count] = struct.pack("<f", float("nan")) * count
+        model.write_bytes(bytes(data))
+
+    _locked(path, project)
+
+
+def _model_replaced(kind: str) -> Callable[[Path], None]:
+    """A locked tiny stack whose model file became a directory or a link to a device."""
+
+    def setup(path: Path) -> None:
+        _locked(path)
+        model = path / "tiny.gguf"
+        model.unlink()
+        if kind == "directory":
+            model.mkdir()
+        else:
+            model.symlink_to(kind)
+
+    return setup
+
+
+def _catastrophic_regex(path: Path) -> None:
+    """A locked tiny stack with a smoke prompt of 32 tokens whose expect.regex backtracks catastrophically."""
+    smoke = (
+        '\n[[smoke]]\nname = "long"\nprompt = "Once"\nmax-tokens = 32\n'
+        f"expect = {{ regex = '{CATASTROPHIC_REGEX}' }}\n"
+    )
+    _locked(path, _project(smoke=smoke))
+
+
+def _golden_tokens(count: int, logprob: str = "-0.1") -> Callable[[Path], None]:
     def setup(path: Path) -> None:
         tokens = ", ".join(["5"] * count)
-        logprobs = ", ".join(["[[5, -0.1]]"] * count)
+        logprobs = ", ".join([f"[[5, {logprob}]]"] * count)
         golden = (
             "\n[smoke.golden]\nprompt-token-count = 1\nprompt-tokens-sha256 = "
             f'"{"0" * 64}"\ntokens = [{tokens}]\ntop-logprobs = [{logprobs}]\ntext = "x"\n'
@@ -280,6 +333,9 @@ def _replaced(old: str, new: str) -> Callable[[Path], None]:
 
     return setup
 
+
+CATASTROPHIC_REGEX = "^(?:.|.)*(?!)"
+"""Never matches, and tries every split of the text between two alternatives: 2^n steps on n characters."""
 
 _HF_CLOSED = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
 
@@ -442,6 +498,7 @@ CASES: tuple[Case, ...] = (
         needle="sampler.stop",
     ),
     Case("lock", "100000-golden-tokens", _golden_tokens(100_000), ("lock",), codes=frozenset({0})),
+    Case("lock", "golden-logprob-nan", _golden_tokens(1, "nan"), ("verify",), needle="finite"),
     Case(
         "manifest",
         "context-size-2-pow-40",
@@ -459,6 +516,73 @@ CASES: tuple[Case, ...] = (
         ("lock",),
         needle="finite",
     ),
+    Case(
+        "engine",
+        "kv-cache-256-gib-verify",
+        _large_kv_cache,
+        ("verify",),
+        codes=frozenset({3}),
+        needle="KV cache",
+    ),
+    Case(
+        "engine",
+        "kv-cache-256-gib-record",
+        _large_kv_cache,
+        ("record",),
+        codes=frozenset({3}),
+        needle="KV cache",
+    ),
+    *(
+        Case(
+            "engine",
+            f"all-nan-weights-{command}",
+            _nan_weights,
+            (command,),
+            codes=frozenset({3}),
+            needle="finite",
+        )
+        for command in ("record", "verify")
+    ),
+    Case(
+        "template",
+        "1gb-of-strings-built-in-a-loop",
+        _template(
+            "{% set ns = namespace(l=[]) %}{% for i in range(1000) %}"
+            "{% set ns.l = ns.l + [('x' * 999990) ~ i] %}{% endfor %}{{ ns.l | length }}"
+        ),
+        ("lock",),
+        needle="out of memory",
+    ),
+    Case(
+        "template",
+        "1mb-template-with-tabs",
+        _template("{# " + "a\t" * 500_000 + " #}" + CHATML),
+        ("lock",),
+        codes=frozenset({0, 1, 2}),
+    ),
+    Case(
+        "template",
+        "locked-template-no-longer-compiles-record",
+        _edited_lock("{% for m in messages %}", "{% break %}{% for m in messages %}"),
+        ("record",),
+        needle="does not compile ('break' outside loop)",
+    ),
+    *(
+        Case("files", f"model-is-{label}-{command}", _model_replaced(kind), (command,), needle=needle)
+        for label, kind, needle in (
+            ("a-directory", "directory", "regular file"),
+            ("dev-zero", "/dev/zero", "never reads it"),
+        )
+        for command in ("verify", "record")
+    ),
+    Case(
+        "manifest",
+        "catastrophic-expect-regex-record",
+        _catastrophic_regex,
+        ("record",),
+        codes=frozenset({0}),
+        engine=True,
+    ),
     *(
         Case("lock", f"lock-{label}", _edited_lock(old, new), ("verify",), needle=needle)
         for label, old, new, needle in (
@@ -468,6 +592,8 @@ CASES: tuple[Case, ...] = (
             ("temperature-negative", "temperature = 0.0", "temperature = -1.0", "temperature"),
             ("seed-2-pow-64", "seed = 1", "seed = 18446744073709551615", "seed"),
             ("lock-version-string", "lock-version = 1", 'lock-version = "1"', "lock-version"),
+            ("top-p-2", "top-p = 0.95", "top-p = 2.0", "top-p"),
+            ("mirostat-tau-inf", "mirostat-tau = 5.0", "mirostat-tau = inf", "finite"),
         )
     ),
 )

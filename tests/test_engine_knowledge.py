@@ -130,8 +130,9 @@ def test_a_user_registry_engine_table_decides_the_build(tmp_path: Path) -> None:
 
 
 def test_an_engine_without_an_adapter_has_unknown_defaults(tmp_path: Path) -> None:
-    if adapter_info("ollama") is not None:
-        pytest.skip("an ollama adapter is registered here; its defaults are known")
+    # The ollama adapter declares no defaults either: Ollama's built-ins change across its releases.
+    info = adapter_info("ollama")
+    assert info is None or info.sampler_defaults is None
     text = manifest(
         engine="ollama", version="==0.3.14", backend="context-size = 2048", sampler="temperature = 0.0"
     )

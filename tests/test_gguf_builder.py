@@ -76,4 +76,4 @@ def test_llama_cpp_loads_and_runs_the_model(tmp_path: Path, kind: str) -> None:
     second = model.create_completion("hello world", max_tokens=8, temperature=0)["choices"][0]["text"]
     assert first == second
     assert first
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 30

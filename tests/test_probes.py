@@ -295,7 +295,7 @@ def test_probes_are_fast_on_a_warm_template(tmp_path: Path) -> None:
     start = time.perf_counter()
     run_probes(lock)
     # The benchmark (benchmarks/bench_probes.py) measures the real figure; this only catches a pathology.
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0
 
 
 def test_a_lock_from_before_the_probes_does_not_judge_markers(tmp_path: Path) -> None:

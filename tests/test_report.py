@@ -16,6 +16,7 @@ from stacklock.verify.compare import (
     Tolerance,
     VerifyReport,
     build_report,
+    not_checked,
     skipped,
     smoke_result,
 )
@@ -138,3 +139,25 @@ def test_render_dispatch() -> None:
     assert render(report, "junit") == render_junit(report)
     with pytest.raises(ValueError, match="unknown report format 'sarif'"):
         render(report, "sarif")
+
+
+def test_a_stage_the_engine_hides_is_not_checked_never_ok() -> None:
+    stages = [passing(s) for s in ("artifacts", "template", "generation", "output")]
+    hidden = not_checked("tokenization", "ollama does not report the token ids of a prompt")
+    report = build_report([smoke_result("greeting", [*stages, hidden])])
+    assert report.reproduced
+    assert report.not_checked == (
+        "tokenization: not checked (ollama does not report the token ids of a prompt)",
+    )
+    assert report.results[0].explanation == "reproduced (not checked: tokenization)"
+    text = render_text(report)
+    assert "every stage identical" not in text
+    assert text.splitlines()[-1] == (
+        "reproduced on the stages this engine lets stacklock observe: 1 smoke prompt(s); not checked: tokenization"
+    )
+    assert "    tokenization -         not checked (ollama does not report" in text
+    suite = ET.fromstring(render_junit(report)).find("testsuite")
+    assert suite is not None
+    assert suite.get("skipped") == "1"
+    assert suite.get("failures") == "0"
+    assert json.loads(render_json(report))["not-checked"] == list(report.not_checked)

@@ -313,7 +313,7 @@ TIME_ERROR = f"{LABEL}: rendering exceeded 0.3 s; the template loops too long; c
 def test_long_loops_stop_at_the_deadline(template: str) -> None:
     started = time.monotonic()
     assert error_of(template, limits=FAST) == TIME_ERROR
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5.0
 
 
 @pytest.mark.parametrize(
@@ -375,7 +375,7 @@ SIZE_HINT = "; the template builds a runaway value; check its '*', '+', '~' and 
 def test_size_bombs_fail_fast(template: str, detail: str) -> None:
     started = time.monotonic()
     assert error_of(template) == f"{LABEL} line 1: {detail} exceeds the limit of 1000000{SIZE_HINT}"
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0
 
 
 @pytest.mark.parametrize(

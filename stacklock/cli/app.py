@@ -104,6 +104,14 @@ def init(
     _note(f"wrote {manifest}; next: stacklock lock")
 
 
+EndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint", help="A served engine's URL, e.g. http://127.0.0.1:8080 (overrides engine.endpoint)."
+    ),
+]
+
+
 @app.command()
 def lock(
     manifest: ManifestOption = DEFAULT_MANIFEST,
@@ -134,6 +142,7 @@ def lock(
             "--upgrade-link", help="Re-resolve one link only: model, template or tokenizer (repeatable)."
         ),
     ] = None,
+    endpoint: EndpointOption = None,
 ) -> None:
     """Resolve llmstack.toml into llmstack.lock (or, with --check, fail when the lock is stale)."""
     from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
@@ -166,6 +175,7 @@ def lock(
             offline=offline,
             upgrade=upgrade,
             upgrade_link=upgrade_link or [],
+            endpoint=endpoint,
         )
 
 
@@ -179,6 +189,7 @@ def _lock_once(
     offline: bool,
     upgrade: bool,
     upgrade_link: list[str],
+    endpoint: str | None,
 ) -> None:
     from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
     from stacklock.errors import LockError, NewerLockError  # noqa: PLC0415
@@ -211,6 +222,7 @@ def _lock_once(
             reporter=reporter,
             offline=offline,
             revisions=kept_revisions(read_manifest(manifest)[0], previous, upgrading),
+            endpoint=endpoint,
         )
     new = merge_goldens(new, previous)
     changed = write_lock(lock_path, new)
@@ -246,6 +258,7 @@ def record(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
     ] = False,
+    endpoint: EndpointOption = None,
 ) -> None:
     """Run every smoke prompt on the locked stack and store the goldens in llmstack.lock."""
     from stacklock.cli.progress import cli_reporter  # noqa: PLC0415
@@ -254,7 +267,9 @@ def record(
 
     lock_path = _lock_path(manifest)
     with cli_reporter() as reporter:
-        recorded = record_goldens(lock_path, top_k=top_k, reporter=reporter, offline=offline)
+        recorded = record_goldens(
+            lock_path, top_k=top_k, reporter=reporter, offline=offline, endpoint=endpoint
+        )
     for pin in recorded.smoke:
         assert pin.golden is not None
         _note(f"recorded {pin.name}: {len(pin.golden.tokens)} token(s), {pin.golden.text!r}")
@@ -290,6 +305,7 @@ def verify(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only the hub cache; download nothing.")
     ] = False,
+    endpoint: EndpointOption = None,
     summary: Annotated[
         Path | None,
         typer.Option(
@@ -320,7 +336,9 @@ def verify(
     lock_path = _lock_path(manifest)
     with cli_reporter() as reporter:
         margin = None if tolerance is None else Tolerance(margin=tolerance)
-        report = verify_stack(lock_path, tolerance=margin, reporter=reporter, offline=offline)
+        report = verify_stack(
+            lock_path, tolerance=margin, reporter=reporter, offline=offline, endpoint=endpoint
+        )
     _echo(render(report, fmt.value).rstrip("\n"))
     if summary is not None:
         from stacklock.report.verify import render_markdown  # noqa: PLC0415

@@ -215,6 +215,11 @@ class AdapterInfo(Model):
         description="The engine's load options when the manifest sets none; None when unknown."
     )
     capabilities: Capabilities = Field(description="What the engine lets stacklock observe.")
+    builds_of: str | None = Field(
+        default=None,
+        description="The engine whose registry table maps this engine's versions to llama.cpp builds, when it "
+        "is not the engine itself (llama-cpp-python's server runs the builds llama-cpp-python vendors).",
+    )
     tested_version: str | None = Field(
         default=None,
         description="The engine version stacklock's own tests run (what `init` asks for when none is installed).",
@@ -263,3 +268,9 @@ def observe(
         generation=generation,
         top_k=top_k,
     )
+
+
+def first_stop(text: str, stop: Sequence[str]) -> str | None:
+    """The text cut before the earliest stop string it contains, or None when it contains none."""
+    positions = [index for index in (text.find(s) for s in stop if s) if index >= 0]
+    return text[: min(positions)] if positions else None

@@ -35,6 +35,7 @@ from stacklock.engines.base import (
     SamplerSettings,
     StepLogprobs,
     StopReason,
+    first_stop,
 )
 from stacklock.engines.machine import read_cpu_name
 from stacklock.errors import EngineError, InputError
@@ -528,7 +529,7 @@ class LlamaCppModel:
                     stop_reason = "eos"
                     break
                 output += self._piece_bytes(step.token, special=False)
-                cut = _first_stop(output.decode("utf-8", "replace"), stop) if stop else None
+                cut = first_stop(output.decode("utf-8", "replace"), stop) if stop else None
                 if cut is not None:
                     text, stop_reason = cut, "stop-string"
                     break
@@ -602,12 +603,6 @@ def _known_sampler(sampler: SamplerSettings) -> KnownSampler:
             hint="set them in llmstack.toml's [sampler] and re-lock",
         )
     return KnownSampler(**values)
-
-
-def _first_stop(text: str, stop: Sequence[str]) -> str | None:
-    """The text cut before the earliest stop string it contains, or None when it contains none."""
-    positions = [index for index in (text.find(s) for s in stop if s) if index >= 0]
-    return text[: min(positions)] if positions else None
 
 
 # Vocabularies at least this large find their top-k through block maxima; smaller ones just partition.

@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -33,7 +33,8 @@ from pydantic import ValidationError
 
 from stacklock import errors
 from stacklock.engines.base import EngineIdentity, Observation, observe
-from stacklock.engines.plugins import load_engine
+from stacklock.engines.memory import check_kv_cache_fits
+from stacklock.engines.plugins import adapter_info, load_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 
@@ -68,7 +69,8 @@ class EngineRun:
     identity: EngineIdentity
     builtin: tuple[str, str] | None
     observations: dict[str, Observation]
-    decoded: dict[int, str]
+    #: Token pieces by id; a served engine's are decoded on demand while its run is open.
+    decoded: Mapping[int, str]
 
 
 Progress = Callable[[str], None]
@@ -136,6 +138,10 @@ class EngineSession:
         prompt 'capital'").
         """
         limit = _timeout() if timeout is None else timeout or None
+        info = adapter_info(engine)
+        if info is None or not info.capabilities.served:
+            # A model loaded on this machine: a KV cache larger than its memory must not reach the allocator.
+            check_kv_cache_fits(model_path, backend)
         # Forking is fast but only safe in a single-threaded process: a parent that already ran an engine holds
         # its thread pool (OpenMP), which the child inherits broken and waits on forever.
         fork = sys.platform.startswith("linux") and _single_threaded()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from stacklock.engines.served import is_served
 from stacklock.errors import StaleLockError
 from stacklock.lock.api import locked_revisions
 from stacklock.lock.diff import embedded_template, explain_model, template_diff
@@ -45,10 +47,17 @@ def check_lock(
         revisions=locked_revisions(locked),
         reporter=reporter,
     )
+    if is_served(inputs.manifest.engine.name):
+        # The server is not asked again here: the build it served at lock time stands for the installed one.
+        inputs = replace(inputs, installed_engine_version=locked.engine.version)
     changed = compare_pins(locked.registries, inputs.registries)
     if changed:
         raise StaleLockError(f"{lock_path} is stale: {changed[0]}", hint="run `stacklock lock` to re-pin")
     fresh = resolve(inputs, carried=locked.allowances).lock
+    # What a served engine said at lock time is not an input; the server is not asked again here.
+    fresh = fresh.model_copy(
+        update={"engine": fresh.engine.model_copy(update={"served": locked.engine.served})}
+    )
     if locked.model.sha256 != fresh.model.sha256:
         raise _model_changed(lock_path, locked, fresh, inputs.header.chat_template)
     difference = first_difference(_comparable(locked).pins(), _comparable_to(fresh, locked).pins())

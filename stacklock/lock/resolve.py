@@ -48,7 +48,13 @@ from stacklock.rules.builtin import run_checks
 from stacklock.rules.facts import facts_from_lock
 from stacklock.rules.predicates import evaluate, finding_sort_key, judge, rules_for
 from stacklock.rules.upstream import compare_tokenizers, parse_upstream_tokenizer, tokenizer_finding
-from stacklock.rules.versions import EngineTables, is_build_requirement, parse_build_range, vendored_build
+from stacklock.rules.versions import (
+    EngineTables,
+    is_build_requirement,
+    parse_build,
+    parse_build_range,
+    vendored_build,
+)
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.template.sandbox import template_dialect, template_features
 from stacklock.template.upstream import stale_embedded_finding
@@ -232,14 +238,25 @@ def _engine_pin(
     requirement = spec.version.strip()
     by_build = _takes_builds(spec.name, requirement, info)
     if by_build:
-        build = _exact_build(requirement)
+        build = (
+            _exact_build(requirement)
+            if installed is None
+            else _served_build(spec.name, requirement, installed)
+        )
         if build is None:
             raise EngineError(
                 f"engine.version: '{requirement or '(any)'}' does not name one {spec.name} build",
                 hint="stacklock cannot see an installed llama.cpp; pin one build, e.g. version = '==b4628'",
             )
         return EnginePin(
-            name=spec.name, requirement=requirement, version=f"b{build}", build=build, build_exact=True
+            name=spec.name,
+            requirement=requirement,
+            version=f"b{build}",
+            build=build,
+            build_exact=True,
+            endpoint=spec.endpoint,
+            api_key_env=spec.api_key_env,
+            model=spec.model,
         )
     if installed is not None:
         if requirement and not SpecifierSet(requirement).contains(installed, prereleases=True):
@@ -259,10 +276,11 @@ def _engine_pin(
     vendored = (
         None
         if info is not None and info.build_scheme == "none"
-        else vendored_build(spec.name, version, tables)
+        else vendored_build((info.builds_of if info else None) or spec.name, version, tables)
     )
+    where = {"endpoint": spec.endpoint, "api_key_env": spec.api_key_env, "model": spec.model}
     if vendored is None:
-        return EnginePin(name=spec.name, requirement=requirement, version=version)
+        return EnginePin(name=spec.name, requirement=requirement, version=version, **where)
     return EnginePin(
         name=spec.name,
         requirement=requirement,
@@ -270,7 +288,25 @@ def _engine_pin(
         build=vendored.build,
         build_exact=vendored.exact,
         commit=vendored.commit,
+        **where,
     )
+
+
+def _served_build(name: str, requirement: str, reported: str) -> int:
+    """The build a served engine reports, which must satisfy the manifest's requirement."""
+    try:
+        build = parse_build(reported)
+    except ValueError:
+        raise EngineError(
+            f"engine.version: the {name} server reports '{reported}', not a llama.cpp build number",
+            hint="build the server with its build number (cmake -DLLAMA_BUILD_NUMBER=...)",
+        ) from None
+    if requirement and build not in parse_build_range(requirement):
+        raise EngineError(
+            f"engine.version: the {name} server runs b{build}, which does not satisfy '{requirement}'",
+            hint="point --endpoint at a server of a matching build, or change engine.version",
+        )
+    return build
 
 
 def _takes_builds(name: str, requirement: str, info: AdapterInfo | None) -> bool:

@@ -21,7 +21,7 @@ from stacklock.model.effective import EffectiveBackend, EffectiveSampler
 from stacklock.model.findings import Allowance, Finding, RegistryPin
 from stacklock.model.manifest import MAX_NEW_TOKENS, Expectation, Message, Stack
 from stacklock.model.tokenizer import TokenizerFingerprint
-from stacklock.model.toml import parse_toml, validate
+from stacklock.model.toml import escape_basic_string, parse_toml, validate
 
 LOCK_NAME = "llmstack.lock"
 LOCK_VERSION = 1
@@ -89,7 +89,11 @@ class ModelPin(Model):
     name: str | None = Field(default=None, description="general.name.")
     parameter_count: int = Field(description="Total elements over all tensors.")
     quantization: str = Field(description="The file type (general.file_type) or the dominant tensor type.")
-    tensor_types: dict[str, int] = Field(description="How many tensors of each type the file holds.")
+    tensor_types: dict[str, int] = Field(
+        # A lock leaves empty tables out: a GGUF without tensors must still read back.
+        default_factory=dict,
+        description="How many tensors of each type the file holds.",
+    )
     context_length: int | None = Field(default=None, description="The trained context length.")
     chat_template_sha256: str | None = Field(
         default=None,
@@ -157,6 +161,28 @@ class UpstreamTokenizerPin(Model):
     differences: tuple[str, ...] = Field(default=(), description="How the GGUF's tokenizer differs from it.")
 
 
+class ServedPin(Model):
+    """A served engine as it answered ``stacklock lock``: its build, its loaded model and its defaults."""
+
+    build: str = Field(description="The build the server reports (llama-server: build_info).")
+    model: dict[str, str | int | float | None] = Field(
+        description="The loaded model as the server describes it (path, vocab-size, parameter-count...)."
+    )
+    chat_template_sha256: str | None = Field(
+        default=None, description="sha256 of the chat template the server renders with, when it reports one."
+    )
+    sampler_defaults: dict[str, bool | int | float | str | tuple[str, ...] | None] = Field(
+        default_factory=dict,
+        description="What a request that sets nothing gets from the server (origin server-default), e.g. "
+        "Ollama's model parameters (stop strings, num_ctx); stacklock sets every sampler value on every request.",
+    )
+    unobservable: tuple[str, ...] = Field(
+        default=(),
+        description="Settings no endpoint reports (backend options the server was started with): pin them "
+        "where the server is started.",
+    )
+
+
 class EnginePin(Model):
     name: str = Field(description="The engine.")
     requirement: str = Field(description="The version requirement from the manifest.")
@@ -175,6 +201,16 @@ class EnginePin(Model):
         default=None,
         description="The llama.cpp commit the engine vendors, from the registry's table; record and verify "
         "check the commit the engine reports against it.",
+    )
+    endpoint: str | None = Field(default=None, description="A served engine's URL, from the manifest.")
+    api_key_env: str | None = Field(
+        default=None, description="The environment variable holding a served engine's API key."
+    )
+    model: str | None = Field(
+        default=None, description="The name the served engine knows the model by, from the manifest."
+    )
+    served: ServedPin | None = Field(
+        default=None, description="What a served engine said about itself when the stack was locked."
     )
 
 
@@ -370,8 +406,11 @@ def _item(value: Any) -> Any:
     import tomlkit  # noqa: PLC0415
     from tomlkit.items import Array, Trivia  # noqa: PLC0415
 
-    if isinstance(value, str) and "\n" in value:
-        return tomlkit.string(value, multiline=True)
+    if isinstance(value, str):
+        multiline = "\n" in value
+        return tomlkit.string(
+            escape_basic_string(value, multiline=multiline), multiline=multiline, escape=False
+        )
     if isinstance(value, list):
         if len(value) > 8 or any(isinstance(e, list | dict) for e in value):
             # Built in one call: Array.append re-indexes the whole array, quadratic in a 100,000-token golden.

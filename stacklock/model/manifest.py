@@ -17,6 +17,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from stacklock.errors import ManifestError
 from stacklock.model.base import Model
 from stacklock.model.findings import RegistrySource
+from stacklock.model.pattern import compile_pattern
 from stacklock.model.toml import parse_toml, validate
 
 MANIFEST_NAME = "llmstack.toml"
@@ -120,6 +121,22 @@ class EngineSpec(Model):
             "llama.cpp build numbers for llama.cpp ('>=b4628,<b7756'). Empty: any."
         ),
     )
+    endpoint: str | None = Field(
+        default=None,
+        description="A served engine's URL (llama-server, ollama, vllm...), e.g. http://127.0.0.1:8080; "
+        "--endpoint overrides it.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The NAME of the environment variable holding a served engine's API key (never the key).",
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name a served engine knows the model by, for engines that serve several: the Ollama "
+        "model name ('gemma3:270m'), vLLM's served-model-name, an OpenAI-compatible model id.",
+    )
 
     @model_validator(mode="after")
     def _version(self) -> EngineSpec:
@@ -213,13 +230,7 @@ class Expectation(Model):
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except (OverflowError, RecursionError) as exc:
-                # A repetition count beyond the engine's limit ('a{4294967296}'), or nesting beyond the stack.
-                raise ValueError(f"invalid regular expression: {exc}") from None
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
+            compile_pattern(value)
         return value
 
 

@@ -163,3 +163,24 @@ def _byte_offset(text: str, line: int, column: int) -> int:
     head = lines[line - 1][: column - 1] if line - 1 < len(lines) else ""
     extra = 1 if line > 1 else 0
     return len(before.encode()) + extra + len(head.encode())
+
+
+_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+_ESCAPES['"""'] = '""\\"'
+_SINGLE_LINE_ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')
+_MULTILINE_ESCAPED = re.compile(r'"""|[\x00-\x09\x0b-\x1f\x7f\\]')
+
+
+def _escape(match: re.Match[str]) -> str:
+    sequence = match.group()
+    return _ESCAPES.get(sequence) or f"\\u{ord(sequence):04x}"
+
+
+def escape_basic_string(value: str, *, multiline: bool) -> str:
+    """``value`` escaped for a TOML basic string, as tomlkit escapes it, in one linear pass.
+
+    tomlkit's own escaping slices the rest of the string at every character once the string holds anything to
+    escape: quadratic, minutes for a long template with a tab or a NUL. A multiline string keeps its newlines
+    and escapes ``\"\"\"``; a carriage return is always escaped, so the text reads back exactly.
+    """
+    return (_MULTILINE_ESCAPED if multiline else _SINGLE_LINE_ESCAPED).sub(_escape, value)

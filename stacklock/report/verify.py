@@ -18,7 +18,7 @@ __all__ = ["FORMATS", "render", "render_json", "render_junit", "render_markdown"
 
 FORMATS = ("text", "json", "junit", "markdown")
 
-_MARKS = {"pass": "ok", "fail": "FAIL", "skip": "skip", "tolerated": "tolerated"}
+_MARKS = {"pass": "ok", "fail": "FAIL", "skip": "skip", "tolerated": "tolerated", "not-checked": "-"}
 
 
 def _stage_line(stage: StageResult, *, with_diff: bool = True) -> str:
@@ -38,6 +38,14 @@ def _verdict(report: VerifyReport) -> str:
         return (
             f"not certified: {unchecked} of {total} smoke prompt(s) have no golden to compare with; "
             "run `stacklock record` and commit the lock"
+        )
+    if report.not_checked:
+        # Never "every stage": the stages the engine hides are named in the verdict itself.
+        stages = ", ".join(item.split(":", 1)[0] for item in report.not_checked)
+        within = " within the tolerance" if report.tolerated else ""
+        return (
+            f"reproduced{within} on the stages this engine lets stacklock observe: {total} smoke prompt(s); "
+            f"not checked: {stages}"
         )
     if report.tolerated:
         margin = report.tolerance.margin if report.tolerance else "?"
@@ -105,7 +113,7 @@ def render_junit(report: VerifyReport, *, suite: str = "stacklock verify") -> st
         tests=str(len(cases)),
         failures=str(sum(1 for _, stage in cases if stage.status == "fail")),
         errors="0",
-        skipped=str(sum(1 for _, stage in cases if stage.status == "skip")),
+        skipped=str(sum(1 for _, stage in cases if stage.status in {"skip", "not-checked"})),
     )
     if report.engine is not None or report.notes:
         properties = ET.SubElement(testsuite, "properties")
@@ -120,7 +128,7 @@ def render_junit(report: VerifyReport, *, suite: str = "stacklock verify") -> st
         if stage.status == "fail":
             failure = ET.SubElement(case, "failure", message=stage.detail, type=f"stacklock.{stage.stage}")
             failure.text = result.explanation if result.first_failure == stage.stage else stage.detail
-        elif stage.status == "skip":
+        elif stage.status in {"skip", "not-checked"}:
             ET.SubElement(case, "skipped", message=stage.detail)
         elif stage.status == "tolerated":
             ET.SubElement(case, "system-out").text = f"tolerated: {stage.detail}"
@@ -152,6 +160,8 @@ def render_markdown(report: VerifyReport, *, title: str = "stacklock verify") ->
         elif result.tolerated:
             stage = next(s for s in result.stages if s.status == "tolerated")
             row = ("✅ within tolerance", stage.stage, stage.detail)
+        elif result.explanation != "reproduced":
+            row = ("✅ reproduced", "", result.explanation)
         else:
             row = ("✅ reproduced", "", "every stage identical to the recording")
         cells = [f"`{result.name}`", *row]

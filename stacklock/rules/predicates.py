@@ -61,6 +61,7 @@ from stacklock.errors import RegistryError
 from stacklock.files.digest import sha256_text
 from stacklock.model.base import Model
 from stacklock.model.findings import Allowance, Finding, Link, Severity
+from stacklock.model.pattern import PatternTimeoutError, compile_pattern, search_pattern
 from stacklock.model.toml import describe_validation_error, parse_toml
 from stacklock.rules.versions import parse_build, parse_build_range, parse_version
 
@@ -313,10 +314,10 @@ def _compile_check(operator: str, value: object, path: str) -> tuple[Callable[[o
         if not isinstance(value, str):
             raise PredicateSyntaxError(where, "'regex' needs a string")
         try:
-            pattern = re.compile(value)
-        except re.error as exc:
+            pattern = compile_pattern(value)
+        except ValueError as exc:
             raise PredicateSyntaxError(where, f"bad regex {value!r}: {exc}; fix the pattern") from None
-        return (lambda v: isinstance(v, str) and pattern.search(v) is not None), False
+        return (lambda v: isinstance(v, str) and search_pattern(pattern, v)), False
     if operator == "sha256":
         if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
             raise PredicateSyntaxError(where, "'sha256' needs 64 lowercase hexadecimal characters")
@@ -636,16 +637,17 @@ def evaluate(rules: Iterable[Rule], facts: Facts, *, registry: str | None = None
     Findings name the rule's registry, or ``registry`` when given.
     """
     bounded = {name: value.minimum for name, value in facts.items() if isinstance(value, AtLeast)}
-    if not bounded:
-        found = [rule.finding(registry) for rule in rules if rule.when.test(facts)]
-    else:
-        found = []
-        for rule in rules:
+    found = []
+    for rule in rules:
+        try:
             answer = _answer(rule.when, facts, bounded)
-            if answer is True:
-                found.append(rule.finding(registry))
-            elif answer is None:
-                found.append(_cannot_tell(rule, bounded, registry))
+        except PatternTimeoutError as exc:
+            # A shared registry is untrusted: a rule whose regex never ends is a broken rule, not a hang.
+            raise RegistryError(f"rule '{rule.id}': {exc}", hint="fix or remove the rule") from None
+        if answer is True:
+            found.append(rule.finding(registry))
+        elif answer is None:
+            found.append(_cannot_tell(rule, bounded, registry))
     found.sort(key=finding_sort_key)
     return tuple(found)
 

@@ -545,10 +545,21 @@ _COMPILER_ERRORS = (SyntaxError, RecursionError, MemoryError, OverflowError)
 _HARD_DEADLINE_SLACK_S = 1.0
 
 
+_NESTING_WORDS = ("nest", "too many", "indentation")
+"""Words of the compiler's messages about depth ('too many statically nested blocks', 'too many levels of
+indentation', 'too many nested parentheses'); its other syntax errors are about the template's logic."""
+
+
 def _compiler_error(error: BaseException, origin: str) -> TemplateError:
-    what = getattr(error, "msg", None) or type(error).__name__
+    what = _one_line(str(getattr(error, "msg", None) or type(error).__name__))
+    if isinstance(error, SyntaxError) and not any(word in what.lower() for word in _NESTING_WORDS):
+        # Jinja leaves a {% break %} or {% continue %} outside a loop to Python's compiler ('break' outside loop).
+        return TemplateError(
+            f"{_label(origin)}: does not compile ({what})",
+            hint="{% break %} and {% continue %} belong inside a {% for %} loop; fix the template",
+        )
     return TemplateError(
-        f"{_label(origin)}: does not compile ({_one_line(str(what))}): it nests blocks or expressions too deeply",
+        f"{_label(origin)}: does not compile ({what}): it nests blocks or expressions too deeply",
         hint="simplify the template: fewer nested loops, conditions and brackets",
     )
 
@@ -820,7 +831,8 @@ def _translate(error: Exception, label: str, limits: RenderLimits) -> TemplateEr
             hint="the template recurses without end; check its macros and recursive loops",
         )
     if isinstance(error, MemoryError):
-        return TemplateError(
+        # The worker's memory cap, a bound like the time limit: every probe's render would reach it again.
+        return RenderLimitError(
             f"{label}: out of memory",
             hint="the template builds a runaway value; check its loops and arithmetic",
         )

@@ -28,8 +28,9 @@ from stacklock.errors import RenderLimitError, TemplateError
 
 T = TypeVar("T")
 
-MEMORY_CAP_BYTES: Final = 512 << 20
-"""Address space a render may add to the process it was forked from."""
+MEMORY_CAP_BYTES: Final = 256 << 20
+"""Address space a render may add to the process it was forked from: a chat template's render needs a few MiB;
+the cap keeps a whole run within 300 MB of a bare ``stacklock --help`` (issue 13)."""
 _MAX_RESULT_BYTES: Final = 64 << 20
 
 

@@ -13,7 +13,6 @@ the report names the first failure.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -23,6 +22,7 @@ from stacklock.engines.base import EngineIdentity, Generation, Observation, Stop
 from stacklock.files.digest import sha256_text
 from stacklock.model.base import Model
 from stacklock.model.lock import Recording, SmokeGolden
+from stacklock.model.pattern import PatternTimeoutError, compile_pattern, search_pattern
 
 if TYPE_CHECKING:
     from stacklock.model.manifest import Expectation
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 Stage = Literal["artifacts", "template", "tokenization", "generation", "output"]
-Status = Literal["pass", "fail", "skip", "tolerated"]
+Status = Literal["pass", "fail", "skip", "tolerated", "not-checked"]
 STAGES: tuple[Stage, ...] = ("artifacts", "template", "tokenization", "generation", "output")
 
 #: Prompts up to this many tokens keep their ids in the golden; longer ones keep only count and digest.
@@ -95,7 +95,8 @@ class StageResult(Model):
 
     stage: Stage = Field(description="The stage of the chain.")
     status: Status = Field(
-        description="pass, fail, skip, or tolerated (a near-tie accepted under --tolerance)."
+        description="pass, fail, skip, tolerated (a near-tie accepted under --tolerance), or not-checked (the "
+        "engine does not let stacklock observe this stage; never counted as a pass)."
     )
     detail: str = Field(description="One line: what matched, or what differs and where.")
     position: int | None = Field(
@@ -134,6 +135,11 @@ class VerifyReport(Model):
         description="True when every stage of every smoke prompt was compared and none failed."
     )
     tolerated: bool = Field(description="True when reproduction needed the tolerance somewhere.")
+    not_checked: tuple[str, ...] = Field(
+        default=(),
+        description="The stages the engine does not let stacklock observe, each with why: reproduction is "
+        "certified for the other stages only.",
+    )
     engine: EngineIdentity | None = Field(default=None, description="The engine observed now.")
     tolerance: Tolerance | None = Field(default=None, description="The tolerance in force, if any.")
     notes: tuple[str, ...] = Field(
@@ -232,6 +238,11 @@ def _token(decode: Decode | None, token: int) -> str:
 def skipped(stage: Stage, reason: str) -> StageResult:
     """A stage that was not compared, and why."""
     return StageResult(stage=stage, status="skip", detail=reason)
+
+
+def not_checked(stage: Stage, why: str) -> StageResult:
+    """A stage the engine does not let stacklock observe: reported as such, never as a pass."""
+    return StageResult(stage=stage, status="not-checked", detail=f"not checked ({why})")
 
 
 # The stages -------------------------------------------------------------------------------------------------
@@ -560,8 +571,13 @@ def expectation_failure(expectation: Expectation | None, text: str) -> str | Non
         return f"the output does not equal the expected {expectation.equals!r}"
     if expectation.contains is not None and expectation.contains not in text:
         return f"the output does not contain {expectation.contains!r}"
-    if expectation.regex is not None and re.search(expectation.regex, text) is None:
-        return f"the output does not match the regular expression {expectation.regex!r}"
+    if expectation.regex is not None:
+        try:
+            found = search_pattern(compile_pattern(expectation.regex), text)
+        except PatternTimeoutError as exc:
+            return str(exc)
+        if not found:
+            return f"the output does not match the regular expression {expectation.regex!r}"
     return None
 
 
@@ -629,6 +645,7 @@ def smoke_result(name: str, stages: Sequence[StageResult]) -> SmokeResult:
     failure = next((result for result in ordered if result.status == "fail"), None)
     tolerated = any(result.status == "tolerated" for result in ordered)
     skip = next((result for result in ordered if result.status == "skip"), None)
+    unchecked = [result.stage for result in ordered if result.status == "not-checked"]
     if failure is not None:
         explanation = f"{failure.stage}: {failure.detail}"
     elif skip is not None:
@@ -637,6 +654,8 @@ def smoke_result(name: str, stages: Sequence[StageResult]) -> SmokeResult:
         explanation = "reproduced within the tolerance"
     else:
         explanation = "reproduced"
+    if failure is None and skip is None and unchecked:
+        explanation += f" (not checked: {', '.join(unchecked)})"
     return SmokeResult(
         name=name,
         stages=ordered,
@@ -737,10 +756,17 @@ def build_report(
 ) -> VerifyReport:
     """The verify report: reproduced when every smoke prompt was compared stage by stage and none failed."""
     notes = engine_differences(recorded_engine, engine) if engine is not None and recorded_engine else ()
+    unchecked = {
+        stage.stage: stage.detail
+        for result in results
+        for stage in result.stages
+        if stage.status == "not-checked"
+    }
     return VerifyReport(
         results=tuple(results),
         reproduced=bool(results) and all(is_certified(result) for result in results),
         tolerated=any(result.tolerated for result in results),
+        not_checked=tuple(f"{stage}: {detail}" for stage, detail in unchecked.items()),
         engine=engine,
         tolerance=tolerance,
         notes=notes,

@@ -16,6 +16,7 @@ from stacklock import errors
 from stacklock.engines.base import EngineIdentity
 from stacklock.engines.machine import current_environment, installed_engine_version
 from stacklock.engines.runner import EngineRun, EngineSession, RenderedSmoke, run_engine
+from stacklock.engines.served import ServedEngine, check_served_version, served_engine
 from stacklock.errors import EngineError, StacklockError
 from stacklock.files.digest import HashCache, sha256_text
 from stacklock.gguf.header import header_from_gguf
@@ -35,6 +36,7 @@ from stacklock.sources.local import confine
 from stacklock.sources.model import HubSource, parse_model_source
 from stacklock.verify.compare import (
     STAGES,
+    Stage,
     StageResult,
     Tolerance,
     VerifyReport,
@@ -45,6 +47,13 @@ from stacklock.verify.compare import (
     recording_from,
     skipped,
     smoke_result,
+)
+from stacklock.verify.served import (
+    ANOTHER_MODEL,
+    hide_unobservable,
+    run_served,
+    served_artifacts,
+    unobservable_stages,
 )
 
 
@@ -200,24 +209,35 @@ def record_lock(
     session: EngineSession | None = None,
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
+    endpoint: str | None = None,
 ) -> Lock:
     """Run every smoke prompt of ``lock`` and return it with the goldens stored; nothing is written.
 
     ``base`` is the directory relative model paths are read from. ``session`` is an engine session already
     holding the locked model on the locked backend (a matrix or a bisection shares one); without it one is
     started for this call. ``reporter`` is told what stacklock and the engine are doing. Hub files missing from
-    the hub cache are downloaded at their locked commit, unless ``offline``.
+    the hub cache are downloaded at their locked commit, unless ``offline``. A served engine is reached at
+    ``endpoint`` (``--endpoint``) or the locked one.
     """
     check_engine(lock)
     if not lock.smoke:
         raise errors.LockError(
             f"stack '{lock.stack.name}': no smoke prompts to record", hint="add [[smoke]] entries and re-lock"
         )
-    artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
+    served = _served(lock, endpoint)
+    if served is None:
+        artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
+    else:
+        artifacts = served_artifacts(lock, served)
     if artifacts.status != "pass":
         raise errors.StaleLockError(f"cannot record: {artifacts.detail}")
     prompts = [rendered_smoke(lock, p) for p in lock.smoke]
-    run = _observe(lock, _require_model(lock, base), prompts, top_k=top_k, session=session, reporter=reporter)
+    if served is None:
+        model_path = _require_model(lock, base)
+        run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
+    else:
+        with run_served(lock, served, prompts, top_k=top_k, from_golden=False) as run:
+            pass
     smoke = tuple(
         pin.model_copy(update={"golden": golden_from_observation(run.observations[pin.name])})
         for pin in lock.smoke
@@ -229,16 +249,35 @@ def record_lock(
 
 
 def record(
-    lock_path: Path, *, top_k: int = 5, reporter: Reporter = NO_REPORTER, offline: bool = False
+    lock_path: Path,
+    *,
+    top_k: int = 5,
+    reporter: Reporter = NO_REPORTER,
+    offline: bool = False,
+    endpoint: str | None = None,
 ) -> Lock:
     """Run every smoke prompt of the lock file and store the goldens in it (written atomically, one run at a
     time)."""
     with project_lock(lock_path):
         recorded = record_lock(
-            read_lock(lock_path), lock_path.parent, top_k=top_k, reporter=reporter, offline=offline
+            read_lock(lock_path),
+            lock_path.parent,
+            top_k=top_k,
+            reporter=reporter,
+            offline=offline,
+            endpoint=endpoint,
         )
         write_lock(lock_path, recorded)
     return recorded
+
+
+def _served(lock: Lock, endpoint: str | None) -> ServedEngine | None:
+    """The served engine the lock names, checked to run the locked build; None for an in-process engine."""
+    pin = lock.engine
+    served = served_engine(pin.name, pin.endpoint, pin.api_key_env, override=endpoint, model=pin.model)
+    if served is not None:
+        check_served_version(lock.engine, served)
+    return served
 
 
 def _artifacts(
@@ -247,7 +286,7 @@ def _artifacts(
     expected = {lock.model.path: lock.model.sha256} | {p.path: p.sha256 for p in lock.model.parts}
     observed: dict[str, str | None] = {}
     for label, path in model_files(lock, base, download=download).items():
-        observed[label] = None if path is None else cache.sha256(path, reporter=reporter)
+        observed[label] = None if path is None else _sha256_readable(label, path, cache, reporter)
     changes: tuple[str, ...] = ()
     diff = None
     model_path = locate(lock.model.path, base)
@@ -255,6 +294,20 @@ def _artifacts(
         changes, diff = _explain_model(lock, model_path, cache)
     cache.save()
     return compare_artifacts(expected, observed, changes=changes, diff=diff)
+
+
+def _sha256_readable(label: str, path: Path, cache: HashCache, reporter: Reporter) -> str:
+    """The file's sha256; a file this process cannot read is one line (exit 2), before any engine tries."""
+    try:
+        # A cached digest reads nothing, and the engine must read the file: opening it proves it can.
+        with path.open("rb"):
+            pass
+        return cache.sha256(path, reporter=reporter)
+    except OSError as exc:
+        raise errors.SourceError(
+            f"model.path in the lock: {label}: cannot read it ({exc.strerror or exc})",
+            hint="make the file readable by this user, or put the locked file back",
+        ) from None
 
 
 def _explain_model(lock: Lock, path: Path, cache: HashCache) -> tuple[tuple[str, ...], str | None]:
@@ -309,18 +362,23 @@ def verify_lock(
     session: EngineSession | None = None,
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
+    endpoint: str | None = None,
 ) -> VerifyReport:
     """Re-run every smoke prompt of ``lock`` and compare each stage with its goldens.
 
     ``base``, ``session``, ``reporter`` and ``offline`` are as for :func:`record_lock`. ``manifest_path`` names the manifest
     whose template source is re-read when the locked template text was edited (to show the first changed
-    character); without it that explanation is left out.
+    character); without it that explanation is left out. A served engine is verified through its own chat
+    path at ``endpoint`` or the locked one (see :mod:`stacklock.verify.served`).
     """
     if not lock.smoke:
         raise errors.LockError(
             f"stack '{lock.stack.name}': no smoke prompts to verify", hint="add [[smoke]] entries and re-lock"
         )
     check_engine(lock)
+    served = _served(lock, endpoint)
+    if served is not None:
+        return _verify_served(lock, served, tolerance)
     artifacts = _artifacts(lock, base, HashCache(), reporter, download=not offline)
     present = all(path is not None for path in model_files(lock, base).values())
     if artifacts.status != "pass" and present:
@@ -336,16 +394,67 @@ def verify_lock(
         text is not None and lock.template.sha256 is not None and sha256_text(text) != lock.template.sha256
     )
     reference = _reference_template(manifest_path, lock) if edited and manifest_path is not None else None
+    prompts, broken = _rendered(lock)
+    top_k = lock.recording.top_k if lock.recording else 5
+    run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
+    report = _compare(lock, run, broken, artifacts, reference, tolerance)
+    notes = list(report.notes)
+    if run.builtin is not None:
+        fmt, _ = run.builtin
+        notes.append(
+            f"on its own, {lock.engine.name} would render chats for this model with its '{fmt}' format; "
+            "stacklock renders the locked template instead"
+        )
+    return report.model_copy(update={"notes": tuple(notes)})
+
+
+def _rendered(lock: Lock) -> tuple[list[RenderedSmoke], dict[str, StageResult]]:
+    """Every smoke prompt rendered; a template that no longer renders fails that prompt's template stage."""
     prompts: list[RenderedSmoke] = []
     broken: dict[str, StageResult] = {}
     for pin in lock.smoke:
-        # A template that no longer renders fails that prompt's template stage; the engine is not asked.
         try:
             prompts.append(rendered_smoke(lock, pin))
         except errors.TemplateError as exc:
             broken[pin.name] = StageResult(stage="template", status="fail", detail=exc.one_line())
+    return prompts, broken
+
+
+def _verify_served(lock: Lock, served: ServedEngine, tolerance: Tolerance | None) -> VerifyReport:
+    """Verify through the served engine's own chat path (see :mod:`stacklock.verify.served`)."""
+    artifacts = served_artifacts(lock, served)
+    if artifacts.detail.startswith(ANOTHER_MODEL):
+        # Asking a server that holds another model to generate from the locked token ids says nothing (and
+        # ids beyond its vocabulary are refused): the stack is wrong at its first link.
+        stages = [artifacts, *(skipped(stage, ANOTHER_MODEL) for stage in STAGES[1:])]
+        results = [smoke_result(pin.name, stages) for pin in lock.smoke]
+        return build_report(results, engine=served.identity(), recorded_engine=None, tolerance=tolerance)
+    prompts, broken = _rendered(lock)
     top_k = lock.recording.top_k if lock.recording else 5
-    run = _observe(lock, model_path, prompts, top_k=top_k, session=session, reporter=reporter)
+    hidden = unobservable_stages(lock.engine.name, served.capabilities())
+    with run_served(lock, served, prompts, top_k=top_k, from_golden=True) as run:
+        report = _compare(lock, run, broken, artifacts, None, tolerance, hidden=hidden)
+    notes = list(report.notes)
+    if lock.engine.served is not None and lock.engine.served.unobservable:
+        notes.append(
+            f"not checked (no {lock.engine.name} endpoint reports them): "
+            f"{', '.join(lock.engine.served.unobservable)}; pin them where the server is started"
+        )
+    return report.model_copy(update={"notes": tuple(notes)})
+
+
+def _compare(
+    lock: Lock,
+    run: EngineRun,
+    broken: Mapping[str, StageResult],
+    artifacts: StageResult,
+    reference: str | None,
+    tolerance: Tolerance | None,
+    *,
+    hidden: Mapping[Stage, str] | None = None,
+) -> VerifyReport:
+    """Each smoke prompt's stages: the engine's observations against the goldens; the ``hidden`` stages (which
+    a served engine does not let stacklock observe) are reported as not checked."""
     results = []
     for pin in lock.smoke:
         if pin.name in broken:
@@ -372,16 +481,10 @@ def verify_lock(
                 decode=_decoder(run.decoded),
             )
         )
+    if hidden:
+        results = hide_unobservable(lock, results, hidden)
     recorded = lock.recording.engine if lock.recording else None
-    report = build_report(results, engine=run.identity, recorded_engine=recorded, tolerance=tolerance)
-    notes = list(report.notes)
-    if run.builtin is not None:
-        fmt, _ = run.builtin
-        notes.append(
-            f"on its own, {lock.engine.name} would render chats for this model with its '{fmt}' format; "
-            "stacklock renders the locked template instead"
-        )
-    return report.model_copy(update={"notes": tuple(notes)})
+    return build_report(results, engine=run.identity, recorded_engine=recorded, tolerance=tolerance)
 
 
 def verify(
@@ -390,6 +493,7 @@ def verify(
     tolerance: Tolerance | None = None,
     reporter: Reporter = NO_REPORTER,
     offline: bool = False,
+    endpoint: str | None = None,
 ) -> VerifyReport:
     """Re-run every smoke prompt of the lock file and compare each stage with the goldens."""
     return verify_lock(
@@ -399,6 +503,7 @@ def verify(
         manifest_path=lock_path.with_name(MANIFEST_NAME),
         reporter=reporter,
         offline=offline,
+        endpoint=endpoint,
     )
 
 
