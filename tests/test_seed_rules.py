@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stacklock.registry.files import bundled_registry_path, load_bundled_registry
+from stacklock.registry.files import load_bundled_registry
+from stacklock.registry.location import bundled_registry_path
 from stacklock.rules.predicates import Rule, evaluate
 
 CASES = Path(__file__).parent / "data" / "rules"

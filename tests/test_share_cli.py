@@ -17,7 +17,8 @@ import pytest
 
 from stacklock.engines.machine import installed_engine_version
 from stacklock.model.lock import parse_lock, render_lock
-from stacklock.registry.files import bundled_registry_path, load_bundled_registry, read_registry
+from stacklock.registry.files import load_bundled_registry, read_registry
+from stacklock.registry.location import bundled_registry_path
 from tests.conftest import CHATML, Result
 from tests.gguf_builder import build_tiny_gguf
 

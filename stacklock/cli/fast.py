@@ -1,4 +1,5 @@
-"""The console script's entry point: answers `stacklock --help` from a stored text, everything else via typer.
+"""The console script's entry point: answers `stacklock --help` from a stored text, a command whose inputs are
+unchanged from the replay cache (:mod:`stacklock.cli.replay`), everything else via typer.
 
 Importing typer and building the app costs several times the interpreter's own start, and `--help` is what a
 new user asks first. The stored text (:mod:`stacklock.cli.help_text`) is typer's own output at the default width
@@ -26,9 +27,20 @@ def main(argv: list[str] | None = None) -> None:
 
             sys.stdout.write(TOP_LEVEL_HELP)
             return
+    from stacklock.cli.replay import parse_command, replay, run_recorded  # noqa: PLC0415
+
+    # `lock --check`, `check`, `inspect --json` and `lock` print their recorded output while nothing they
+    # read has changed (see stacklock.cli.replay); typer and the library load only when they must run.
+    command = parse_command(args)
+    code = None if command is None else replay(command)
+    if code is not None:
+        raise SystemExit(code)
     from stacklock.cli.app import main as typer_main  # noqa: PLC0415
 
-    typer_main(args)
+    if command is None:
+        typer_main(args)
+    else:
+        run_recorded(command, lambda: typer_main(args))
 
 
 def typer_help() -> str:

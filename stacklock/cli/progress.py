@@ -12,24 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import IO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+from typing import IO, TYPE_CHECKING
 
 from stacklock.reporter import Reporter
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 _REDRAW_S = 0.1
 
@@ -52,22 +41,6 @@ class LineReporter(Reporter):
     def _write(self, line: str) -> None:
         self._stream.write(line + "\n")
         self._stream.flush()
-
-
-class _Amount(ProgressColumn):
-    """Bytes for hashing and downloads, "2/3" for smoke prompts, nothing while the total is unknown."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._bytes = DownloadColumn()
-        self._items = MofNCompleteColumn()
-
-    def render(self, task: Task) -> Text:
-        if task.total is None:
-            return Text("")
-        column = self._bytes if task.description.startswith(_BYTE_STEPS) else self._items
-        rendered = column.render(task)
-        return rendered if isinstance(rendered, Text) else Text(str(rendered))
 
 
 class BarReporter(Reporter):
@@ -119,14 +92,59 @@ def draws_bars(console: Console) -> bool:
     return console.is_terminal and not os.environ.get("CI")
 
 
+def _may_draw_bars(out: IO[str]) -> bool:
+    """False where rich would not see a terminal either: no TTY and none of the variables that make rich
+    assume one. Deciding this without rich keeps it (a sixth of a `lock --check`) off every pipe and CI log."""
+    if os.environ.get("CI"):
+        return False
+    forced = any(os.environ.get(name) for name in ("FORCE_TERMINAL", "FORCE_COLOR", "TTY_COMPATIBLE"))
+    try:
+        return forced or out.isatty()
+    except ValueError:  # A closed stream.
+        return False
+
+
 @contextlib.contextmanager
 def cli_reporter(stream: IO[str] | None = None) -> Iterator[Reporter]:
     """The reporter for one command: bars on a terminal, lines on a pipe; the bars are gone when it ends."""
     out = stream if stream is not None else sys.stderr
+    if not _may_draw_bars(out):
+        yield LineReporter(out)
+        return
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        Task,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text  # noqa: PLC0415
+
     console = Console(file=out)
     if not draws_bars(console):
         yield LineReporter(out)
         return
+
+    class _Amount(ProgressColumn):
+        """Bytes for hashing and downloads, "2/3" for smoke prompts, nothing while the total is unknown."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._bytes = DownloadColumn()
+            self._items = MofNCompleteColumn()
+
+        def render(self, task: Task) -> Text:
+            if task.total is None:
+                return Text("")
+            column = self._bytes if task.description.startswith(_BYTE_STEPS) else self._items
+            rendered = column.render(task)
+            return rendered if isinstance(rendered, Text) else Text(str(rendered))
+
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),

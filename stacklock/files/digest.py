@@ -23,6 +23,7 @@ import xxhash
 
 from stacklock.errors import FileError
 from stacklock.files.atomic import write_text_atomic
+from stacklock.files.cache_dir import default_cache_dir
 from stacklock.reporter import NO_REPORTER, Reporter, step
 
 CHUNK = 1 << 20
@@ -89,14 +90,6 @@ def _hash_file(path: Path, data_offset: int | None, reporter: Reporter) -> FileD
             done += n
             reporter.progress(name, done, total)
     return FileDigests(whole.hexdigest(), split, header.hexdigest(), data.hexdigest())
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("STACKLOCK_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "stacklock"
 
 
 class HashCache:

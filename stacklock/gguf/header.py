@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 
 from stacklock.errors import FileError
 from stacklock.files.atomic import write_text_atomic
-from stacklock.files.digest import default_cache_dir
+from stacklock.files.cache_dir import default_cache_dir
 from stacklock.gguf.keys import named_chat_templates
 from stacklock.model.base import Model
 from stacklock.model.tokenizer import TokenizerFingerprint

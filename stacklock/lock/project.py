@@ -12,7 +12,7 @@ from filelock import FileLock, Timeout
 
 from stacklock.errors import LockError, ManifestError, UsageError
 from stacklock.files.atomic import file_error, write_text_atomic
-from stacklock.files.digest import default_cache_dir
+from stacklock.files.cache_dir import default_cache_dir
 from stacklock.model.lock import Lock, parse_lock, render_lock
 from stacklock.model.manifest import Manifest, parse_manifest
 from stacklock.model.toml import parse_toml

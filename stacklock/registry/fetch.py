@@ -18,11 +18,11 @@ import urllib.parse
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Final, Literal
+from typing import Final
 
 from stacklock.errors import NetworkError, RegistryError
 from stacklock.files.atomic import file_error
-from stacklock.files.digest import default_cache_dir
+from stacklock.files.cache_dir import default_cache_dir
 from stacklock.model.findings import RegistryPin, RegistrySource
 from stacklock.registry.files import (
     BUNDLED,
@@ -32,6 +32,7 @@ from stacklock.registry.files import (
     read_registry_files,
     registry_digest,
 )
+from stacklock.registry.location import local_path, source_kind
 from stacklock.reporter import NO_REPORTER, Reporter, step
 from stacklock.sources.local import confine_dir
 
@@ -43,25 +44,6 @@ _LOOPBACK: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 # -- Sources: local directory, git, archive URL --------------------------------------------------------------
-
-SourceKind = Literal["directory", "git", "archive"]
-
-
-def source_kind(url: str) -> SourceKind:
-    """``git+...`` or a path/URL ending in ``.git`` is git; ``http(s)://`` is an archive; anything else a "
-    "directory."""
-    if url.startswith("git+") or url.rstrip("/").endswith(".git"):
-        return "git"
-    if url.startswith(("https://", "http://")):
-        return "archive"
-    return "directory"
-
-
-def _local_path(url: str, base_dir: Path | None) -> Path:
-    if url.startswith("file://"):
-        return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
-    path = Path(url).expanduser()
-    return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
 def registries_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -271,7 +253,7 @@ def load_registry_source(
         )
     kind = source_kind(source.url)
     if kind == "directory":
-        root = _local_path(source.url, base_dir)
+        root = local_path(source.url, base_dir)
         if base_dir is not None:
             # A manifest's registry directory is confined to the project like any other local source.
             root = confine_dir(str(root), base_dir, f"registry '{source.name}'")

@@ -35,6 +35,7 @@ from stacklock.model.base import Model
 from stacklock.model.findings import RegistryPin
 from stacklock.model.manifest import Name
 from stacklock.model.toml import parse_toml, validate
+from stacklock.registry.location import bundled_registry_path
 from stacklock.rules.predicates import Rule, parse_rule, predicate_json_schema_defs
 from stacklock.rules.pretokenizers import PRETOKENIZERS_FILE, PreTokenizerTable, parse_pretokenizer_table
 from stacklock.rules.versions import EngineTable, EngineTables, parse_engine_table
@@ -367,19 +368,6 @@ def read_registry(
         revision=revision,
         root=root,
         origin=origin or str(root),
-    )
-
-
-def bundled_registry_path() -> Path:
-    """The registry shipped with stacklock: ``stacklock/_registry`` in a wheel, ``registry/`` in a "
-    "checkout."""
-    here = Path(__file__).resolve().parent.parent  # The stacklock package directory.
-    for candidate in (here / "_registry", here.parent / "registry"):
-        if (candidate / "registry.toml").is_file():
-            return candidate
-    raise RegistryError(
-        f"the bundled registry is missing (looked in {here / '_registry'} and {here.parent / 'registry'}); "
-        "reinstall stacklock"
     )
 
 

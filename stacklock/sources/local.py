@@ -35,9 +35,14 @@ _ALLOW_HINT: Final = (
 )
 
 
-def _config_roots() -> list[str]:
+def config_path() -> Path:
+    """The user's own configuration: ``$XDG_CONFIG_HOME/stacklock/config.toml`` (``~/.config/...``)."""
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    path = Path(base) / "stacklock" / "config.toml"
+    return Path(base) / "stacklock" / "config.toml"
+
+
+def _config_roots() -> list[str]:
+    path = config_path()
     try:
         data = tomllib.loads(read_text_file(path, str(path), SourceError))
     except (SourceError, tomllib.TOMLDecodeError):
