@@ -145,7 +145,7 @@ OPS = "absent, build-range, contains, equals, greater-than, in, less-than, not-e
         (
             'all = [{ fact = "template.text", regex = "(" }]',
             (
-                f"{ORIGIN}: when.all[0].regex: bad regex '(': missing ), unterminated subpattern at position 0; "
+                f"{ORIGIN}: when.all[0].regex: '(' is an invalid regular expression: missing ) at position 1; "
                 "fix the pattern"
             ),
         ),

@@ -316,7 +316,7 @@ def _compile_check(operator: str, value: object, path: str) -> tuple[Callable[[o
         try:
             pattern = compile_pattern(value)
         except ValueError as exc:
-            raise PredicateSyntaxError(where, f"bad regex {value!r}: {exc}; fix the pattern") from None
+            raise PredicateSyntaxError(where, f"{value!r} is an {exc}; fix the pattern") from None
         return (lambda v: isinstance(v, str) and search_pattern(pattern, v)), False
     if operator == "sha256":
         if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
