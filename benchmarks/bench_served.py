@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from stacklock.lock.api import lock_stack  # noqa: E402
 from stacklock.lock.project import read_lock, write_lock  # noqa: E402
-from stacklock.model.lock import Lock, SmokePin  # noqa: E402
+from stacklock.model.lock import Lock, SmokeGolden, SmokePin  # noqa: E402
 from stacklock.verify.session import record, verify  # noqa: E402
 from tests.gguf_builder import gemma_model_path  # noqa: E402
 from tests.servers import llama_cpp_python_server, llama_server  # noqa: E402
@@ -53,19 +53,26 @@ def _project(directory: Path, gemma: Path, engine: str) -> Path:
 
 def _lock_and_record(manifest: Path, endpoint: str | None = None) -> Lock:
     write_lock(manifest.with_name("llmstack.lock"), lock_stack(manifest, endpoint=endpoint))
-    return record(manifest.with_name("llmstack.lock"), endpoint=endpoint)
+    record(manifest.with_name("llmstack.lock"), endpoint=endpoint)
+    return read_lock(manifest.with_name("llmstack.lock"))
+
+
+def _golden(lock: Lock, pin: SmokePin) -> SmokeGolden:
+    """The golden of a lock recorded once (one recording)."""
+    (recording,) = lock.recordings
+    return recording.goldens[pin.name]
 
 
 def _direct(client: httpx.Client, url: str, lock: Lock) -> None:
-    """The same completions verify sends, with a plain client: the baseline."""
+    """The same completions verify sends (the same request bodies), with a plain client: the baseline."""
     sampler = lock.sampler
     for pin in lock.smoke:
-        assert pin.golden is not None
-        assert pin.golden.prompt_tokens is not None
+        golden = _golden(lock, pin)
+        assert golden.prompt_tokens is not None
         client.post(
             f"{url}/completion",
             json={
-                "prompt": list(pin.golden.prompt_tokens),
+                "prompt": list(golden.prompt_tokens),
                 "n_predict": pin.max_tokens,
                 "temperature": sampler.temperature,
                 "top_k": sampler.top_k,
@@ -74,29 +81,36 @@ def _direct(client: httpx.Client, url: str, lock: Lock) -> None:
                 "typical_p": sampler.typical_p,
                 "repeat_penalty": sampler.repeat_penalty,
                 "repeat_last_n": sampler.repeat_last_n,
+                "frequency_penalty": sampler.frequency_penalty,
+                "presence_penalty": sampler.presence_penalty,
+                "mirostat": sampler.mirostat,
+                "mirostat_tau": sampler.mirostat_tau,
+                "mirostat_eta": sampler.mirostat_eta,
                 "seed": sampler.seed or 0,
+                "stop": list(sampler.stop or ()),
                 "n_probs": 5,
                 "cache_prompt": False,
                 "return_tokens": True,
+                "post_sampling_probs": False,
+                "stream": False,
             },
         ).raise_for_status()
 
 
 def _by_id(reference: Lock, other: Lock) -> None:
-    for a, b in zip(reference.smoke, other.smoke, strict=True):
-        assert a.golden is not None
-        assert b.golden is not None
+    for pin, other_pin in zip(reference.smoke, other.smoke, strict=True):
+        a, b = _golden(reference, pin), _golden(other, other_pin)
         drift = max(
             (
                 abs(logprob - dict(theirs)[token])
-                for mine, theirs in zip(a.golden.top_logprobs, b.golden.top_logprobs, strict=False)
+                for mine, theirs in zip(a.top_logprobs, b.top_logprobs, strict=False)
                 for token, logprob in mine
                 if token in dict(theirs)
             ),
             default=0.0,
         )
         print(
-            f"  {a.name:18} identical tokens: {a.golden.tokens == b.golden.tokens}; "
+            f"  {pin.name:18} identical tokens: {a.tokens == b.tokens}; "
             f"largest top-5 logprob drift {drift:.4f}"
         )
 
@@ -114,9 +128,8 @@ def _by_text(client: httpx.Client, url: str, reference: Lock, served: Lock) -> N
     """llama-cpp-python's server keys its logprobs by token text: the reference's top-5 ids are decoded by the
     server and matched by text (tokens with the same text cannot be told apart)."""
     sampler = reference.sampler
-    for pin, theirs in zip(reference.smoke, served.smoke, strict=True):
-        assert pin.golden is not None
-        assert theirs.golden is not None
+    for pin, their_pin in zip(reference.smoke, served.smoke, strict=True):
+        golden, theirs = _golden(reference, pin), _golden(served, their_pin)
         request: dict[str, Any] = {
             "model": "gemma",
             "prompt": _sent_text(pin, reference),
@@ -130,26 +143,24 @@ def _by_text(client: httpx.Client, url: str, reference: Lock, served: Lock) -> N
             "logprobs": 5,
         }
         choice = client.post(f"{url}/v1/completions", json=request).raise_for_status().json()["choices"][0]
-        ids = {t for step in pin.golden.top_logprobs for t, _ in step} | set(pin.golden.tokens)
+        ids = {t for step in golden.top_logprobs for t, _ in step} | set(golden.tokens)
         text = {t: _detokenize(client, url, [t]) for t in ids}
         pieces: Sequence[str] = choice["logprobs"]["tokens"]
         # In process, an end of generation is a generated token; the server leaves it out of its pieces.
-        wanted = [text[t] for t in pin.golden.tokens[: len(pieces)]]
+        wanted = [text[t] for t in golden.tokens[: len(pieces)]]
         drift = max(
             (
                 abs(logprob - step[text[token]])
-                for mine, step in zip(
-                    pin.golden.top_logprobs, choice["logprobs"]["top_logprobs"], strict=False
-                )
+                for mine, step in zip(golden.top_logprobs, choice["logprobs"]["top_logprobs"], strict=False)
                 for token, logprob in mine
                 if text[token] in step
             ),
             default=0.0,
         )
-        same_prompt = pin.golden.prompt_tokens == theirs.golden.prompt_tokens
+        same_prompt = golden.prompt_tokens == theirs.prompt_tokens
         print(
             f"  {pin.name:18} identical tokens (by text): {list(pieces) == wanted}; same prompt tokens: "
-            f"{same_prompt}; same output: {pin.golden.text == theirs.golden.text}; "
+            f"{same_prompt}; same output: {golden.text == theirs.text}; "
             f"largest top-5 logprob drift {drift:.4f}"
         )
 
