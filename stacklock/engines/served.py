@@ -21,6 +21,7 @@ __all__ = [
     "UNOBSERVABLE",
     "UNVERIFIED",
     "ServedEngine",
+    "TextPrompts",
     "check_served_version",
     "is_served",
     "open_served",
