@@ -73,6 +73,18 @@ class ServedClient:
         )
         self._headers = headers
 
+    @classmethod
+    def for_adapter(
+        cls, engine: str, settings: ServedSettings | None, client: httpx.Client | None = None
+    ) -> ServedClient:
+        """The client of a served adapter; an adapter constructed without settings has no endpoint to reach."""
+        if settings is None:
+            raise EngineError(
+                f"{engine} is a served engine and needs an endpoint",
+                hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
+            )
+        return cls(engine, settings, client)
+
     def get(self, path: str) -> Any:
         return self._request("GET", path, None)
 

@@ -91,12 +91,7 @@ class LlamaServerEngine:
     )
 
     def __init__(self, settings: ServedSettings | None = None, *, client: httpx.Client | None = None) -> None:
-        if settings is None:
-            raise EngineError(
-                f"{ENGINE_NAME} is a served engine and needs an endpoint",
-                hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
-            )
-        self._http = ServedClient(ENGINE_NAME, settings, client)
+        self._http = ServedClient.for_adapter(ENGINE_NAME, settings, client)
         self._props: dict[str, Any] | None = None
 
     @property

@@ -70,12 +70,7 @@ class OpenAICompatibleEngine:
     )
 
     def __init__(self, settings: ServedSettings | None = None, *, client: httpx.Client | None = None) -> None:
-        if settings is None:
-            raise EngineError(
-                f"{ENGINE_NAME} is a served engine and needs an endpoint",
-                hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
-            )
-        self._http = ServedClient(ENGINE_NAME, settings, client)
+        self._http = ServedClient.for_adapter(ENGINE_NAME, settings, client)
         self._model: str | None = None
 
     def model_id(self) -> str:

@@ -101,14 +101,9 @@ class VllmEngine:
     )
 
     def __init__(self, settings: ServedSettings | None = None, *, client: httpx.Client | None = None) -> None:
-        if settings is None:
-            raise EngineError(
-                f"{ENGINE_NAME} is a served engine and needs an endpoint",
-                hint="set engine.endpoint in llmstack.toml or pass --endpoint http://HOST:PORT",
-            )
-        self._http = ServedClient(ENGINE_NAME, settings, client)
+        self._http = ServedClient.for_adapter(ENGINE_NAME, settings, client)
         # engine.model: vLLM's --served-model-name; None: the one base model the server serves.
-        self._wanted = settings.model
+        self._wanted = self._http.settings.model
         self._version: str | None = None
         self._card: dict[str, Any] | None = None
 
